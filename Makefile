@@ -1,0 +1,39 @@
+# Every target installs what it needs, so a fresh machine needs only `make run` or `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= mirror.yaml
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $@
+
+install: $(STAMP) ## create .venv and install pullthrough with its test tools
+
+system-deps: ## install Debian's docker-registry and skopeo when they are missing
+	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo; \
+	fi
+
+run: $(STAMP) ## serve mirror.yaml on 0.0.0.0:5000 with the cache in ./data
+	$(VENV)/bin/pullthrough serve --config $(CONFIG)
+
+test: $(STAMP) system-deps ## run the test suite against a real registry
+	$(PY) -m pytest
+
+check: $(STAMP) ## ruff format --check, ruff check, mypy
+	$(VENV)/bin/ruff format --check proxy cache tests
+	$(VENV)/bin/ruff check proxy cache tests
+	$(VENV)/bin/mypy
+
+.PHONY: help install system-deps run test check

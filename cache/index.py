@@ -1,0 +1,196 @@
+"""The SQLite index of what the store holds. All SQL lives in this module.
+
+One connection (aiosqlite runs it on its own thread) does every read and write, in WAL
+mode, with short `BEGIN IMMEDIATE` transactions. The schema is one string, migrated by
+`PRAGMA user_version`. Timestamps are wall-clock seconds because they outlive the process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from cache.errors import StoreClosed
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE blobs (
+    digest      TEXT PRIMARY KEY,
+    size        INTEGER NOT NULL,
+    media_type  TEXT,               -- set for manifests, NULL for layers and configs
+    created     REAL NOT NULL,
+    last_access REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX blobs_by_last_access ON blobs (last_access);
+
+-- Which repositories a blob was pulled through: the catalog, and stats by repository.
+CREATE TABLE repo_blobs (
+    upstream TEXT NOT NULL,
+    repo     TEXT NOT NULL,
+    digest   TEXT NOT NULL,
+    PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
+CREATE INDEX repo_blobs_by_digest ON repo_blobs (digest);
+
+-- A tag's answer, one row per media type: clients with different Accept headers may get
+-- different manifests for one tag (an index, or one platform's manifest).
+CREATE TABLE tags (
+    upstream   TEXT NOT NULL,
+    repo       TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    checked    REAL NOT NULL,       -- when upstream last confirmed this answer
+    PRIMARY KEY (upstream, repo, tag, media_type)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRow:
+    digest: str
+    size: int
+    media_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    media_type: str
+    digest: str
+    checked: float
+
+
+class Index:
+    """Named async queries over the index database. Owns its one connection."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._db: aiosqlite.Connection | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        if self._closed:
+            raise StoreClosed("index was closed")
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode; only power loss may drop
+        # the last commits, and start-up reconciliation re-adopts files that lost rows.
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+        await self._migrate()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreClosed("index is not open")
+        return self._db
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = row[0] if row else 0
+        if version == 0:
+            await self.db.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version != SCHEMA_VERSION:
+            raise StoreClosed(f"index schema {version} is newer than this program's")
+
+    async def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
+        db = self.db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                await db.execute(sql, params)
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+
+    async def add_blob(
+        self, digest: str, size: int, media_type: str | None, upstream: str, repo: str
+    ) -> None:
+        now = self.clock()
+        await self._write(
+            [
+                (
+                    "INSERT INTO blobs (digest, size, media_type, created, last_access)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
+                    " last_access = excluded.last_access,"
+                    " media_type = coalesce(blobs.media_type, excluded.media_type)",
+                    (digest, size, media_type, now, now),
+                ),
+                (
+                    "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
+                    (upstream, repo, digest),
+                ),
+            ]
+        )
+
+    async def link_repo(self, upstream: str, repo: str, digest: str) -> None:
+        await self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
+                    (upstream, repo, digest),
+                )
+            ]
+        )
+
+    async def get_blob(self, digest: str) -> BlobRow | None:
+        async with self.db.execute(
+            "SELECT digest, size, media_type FROM blobs WHERE digest = ?", (digest,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return BlobRow(row[0], row[1], row[2]) if row else None
+
+    async def remove_blob(self, digest: str) -> None:
+        await self._write(
+            [
+                ("DELETE FROM blobs WHERE digest = ?", (digest,)),
+                ("DELETE FROM repo_blobs WHERE digest = ?", (digest,)),
+                ("DELETE FROM tags WHERE digest = ?", (digest,)),
+            ]
+        )
+
+    async def tag_rows(self, upstream: str, repo: str, tag: str) -> list[TagRow]:
+        async with self.db.execute(
+            "SELECT media_type, digest, checked FROM tags"
+            " WHERE upstream = ? AND repo = ? AND tag = ? ORDER BY checked DESC",
+            (upstream, repo, tag),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [TagRow(r[0], r[1], r[2]) for r in rows]
+
+    async def set_tag(
+        self, upstream: str, repo: str, tag: str, media_type: str, digest: str
+    ) -> None:
+        await self._write(
+            [
+                (
+                    "INSERT OR REPLACE INTO tags (upstream, repo, tag, media_type, digest, checked)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (upstream, repo, tag, media_type, digest, self.clock()),
+                )
+            ]
+        )
+
+    async def repositories(self) -> list[tuple[str, str]]:
+        """Every (upstream, repo) that has content in the cache."""
+        async with self.db.execute(
+            "SELECT DISTINCT upstream, repo FROM repo_blobs ORDER BY upstream, repo"
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [(r[0], r[1]) for r in rows]

@@ -1,0 +1,92 @@
+"""The aiohttp application: routes, middleware, and the resources it owns.
+
+Resources are created in `cleanup_ctx` order and closed in reverse: the cache, then the
+upstream client, then the services with their background tasks. So at shutdown the fills
+are cancelled first, then the HTTP session closes, then the index.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from cache.store import Cache
+from proxy import handlers
+from proxy.auth import TokenCache
+from proxy.blobs import BlobService
+from proxy.config import Config
+from proxy.errors import error_middleware
+from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, PASSTHROUGH, SESSION, TASKS, UPSTREAM
+from proxy.manifests import ManifestService
+from proxy.passthrough import Passthrough
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+
+NAME = r"{name:[^{}]+?}"
+
+
+def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
+    """The mirror for `config`. `clock` decides every TTL, so tests can move time."""
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app.on_response_prepare.append(_api_version_header)
+    app.cleanup_ctx.append(lambda app: _cache(app, clock))
+    app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(lambda app: _services(app, clock))
+    _add_routes(app)
+    return app
+
+
+def _add_routes(app: web.Application) -> None:
+    read = ("GET", "HEAD")
+    app.router.add_route("GET", "/v2/", handlers.ping)
+    app.router.add_route("GET", "/v2/_catalog", handlers.catalog)
+    app.router.add_route("*", f"/v2/{NAME}/blobs/uploads/{{rest:.*}}", handlers.unsupported)
+    for method in read:
+        app.router.add_route(method, f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest)
+        app.router.add_route(method, f"/v2/{NAME}/blobs/{{digest}}", handlers.blob)
+    app.router.add_route("GET", f"/v2/{NAME}/tags/list", handlers.tags)
+    app.router.add_route("GET", f"/v2/{NAME}/referrers/{{digest}}", handlers.referrers)
+    # Writes to manifests and blobs: matched explicitly so they get UNSUPPORTED, not 404.
+    for method in ("PUT", "POST", "PATCH", "DELETE"):
+        app.router.add_route(method, f"/v2/{NAME}/manifests/{{reference}}", handlers.unsupported)
+        app.router.add_route(method, f"/v2/{NAME}/blobs/{{digest}}", handlers.unsupported)
+
+
+async def _api_version_header(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path.startswith("/v2"):
+        response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
+
+
+async def _cache(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
+    cache = Cache(app[CONFIG].cache.path, clock=clock)
+    await cache.open()
+    app[CACHE] = cache
+    yield
+    await cache.close()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession(
+        auto_decompress=False,
+        # Bytes must arrive as upstream stored them, or their digests won't match.
+        headers={"Accept-Encoding": "identity", "User-Agent": "pullthrough/0.1"},
+        connector=aiohttp.TCPConnector(limit=200, limit_per_host=64),
+    )
+    app[SESSION] = session
+    app[UPSTREAM] = UpstreamClient(session, TokenCache())
+    yield
+    await session.close()
+
+
+async def _services(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
+    tasks = BackgroundTasks()
+    app[TASKS] = tasks
+    app[MANIFESTS] = ManifestService(app[CACHE], app[UPSTREAM], clock)
+    app[BLOBS] = BlobService(app[CACHE], app[UPSTREAM], tasks)
+    app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
+    yield
+    await tasks.close()

@@ -1,0 +1,284 @@
+"""Configuration: `mirror.yaml` parsed once, at start-up, into frozen dataclasses.
+
+Every setting's default and help text sit together in `field(metadata=...)`, so the
+README's reference can be checked against this module. Errors name the YAML path of
+the bad value (`upstreams[1].url: must be an http(s) URL`).
+
+Environment overrides follow one scheme: `PULLTHROUGH_<KEY>` with `__` between the
+levels of a mapping, e.g. `PULLTHROUGH_LISTEN=127.0.0.1:5001` or
+`PULLTHROUGH_CACHE__PATH=/var/cache/pullthrough`. Values are read as YAML scalars.
+Strings may name secrets as `${ENV_VAR}`; those are read from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_PREFIX = "PULLTHROUGH_"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+# An upstream name is the registry host clients ask for: a hostname, optionally with a port.
+_UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
+
+
+class ConfigError(Exception):
+    """A bad configuration; `str()` is one line naming the YAML path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class Secret:
+    """A credential that never prints itself: repr and str are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry that the mirror serves."""
+
+    name: str = field(metadata=_help("registry host clients ask for, e.g. docker.io"))
+    url: str = field(metadata=_help("base URL of the registry API, e.g. https://ghcr.io"))
+    default: bool = field(default=False, metadata=_help("names with no upstream prefix go here"))
+    username: str | None = field(default=None, metadata=_help("user for upstream token/Basic"))
+    password: Secret | None = field(default=None, metadata=_help("password or token; ${ENV}"))
+    connect_timeout: float = field(default=3.0, metadata=_help("seconds to open a connection"))
+    read_timeout: float = field(default=30.0, metadata=_help("seconds a read may sit idle"))
+    manifest_ttl: float = field(
+        default=300.0, metadata=_help("seconds a tag's answer is served without asking upstream")
+    )
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.name in ("docker.io", "registry-1.docker.io", "index.docker.io")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    path: Path = field(default=Path("./data"), metadata=_help("directory of blobs and index"))
+    max_size: int = field(default=50 * 1024**3, metadata=_help("size budget, e.g. 50GiB"))
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: tuple[UpstreamConfig, ...]
+    version: int = field(default=1, metadata=_help("config format version; only 1 exists"))
+    listen_host: str = field(
+        default="0.0.0.0", metadata=_help("listen address (listen: host:port)")
+    )
+    listen_port: int = field(default=5000, metadata=_help("listen port (listen: host:port)"))
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        return None
+
+    @property
+    def default_upstream(self) -> UpstreamConfig | None:
+        return next((u for u in self.upstreams if u.default), None)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, and parse a config file."""
+    env = os.environ if env is None else env
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config {str(path)!r}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError("", f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", "the top level must be a mapping")
+    _apply_env_overrides(raw, env)
+    return parse_config(raw, env)
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = key[len(ENV_PREFIX) :].lower().split("__")
+        target = raw
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(".".join(parts), f"cannot override from {key}")
+        target[parts[-1]] = yaml.safe_load(value) if value else value
+
+
+def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    _reject_unknown(raw, {"version", "listen", "cache", "upstreams"}, "")
+    version = raw.get("version", 1)
+    if version != 1:
+        raise ConfigError("version", "must be 1")
+    host, port = _parse_listen(raw.get("listen", "0.0.0.0:5000"))
+    upstreams = _parse_upstreams(raw.get("upstreams"), env)
+    return Config(
+        version=1,
+        listen_host=host,
+        listen_port=port,
+        cache=_parse_cache(raw.get("cache", {})),
+        upstreams=upstreams,
+    )
+
+
+def _reject_unknown(raw: Mapping[str, Any], known: set[str], path: str) -> None:
+    for key in raw:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown setting (known: {', '.join(sorted(known))})")
+
+
+def _parse_listen(value: Any) -> tuple[str, int]:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("listen", "must be HOST:PORT, e.g. 0.0.0.0:5000")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parse_cache(raw: Any) -> CacheConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("cache", "must be a mapping")
+    _reject_unknown(raw, {f.name for f in fields(CacheConfig)}, "cache")
+    path = raw.get("path", "./data")
+    if not isinstance(path, str) or not path:
+        raise ConfigError("cache.path", "must be a directory path")
+    return CacheConfig(
+        path=Path(path), max_size=parse_size(raw.get("max_size", "50GiB"), "cache.max_size")
+    )
+
+
+def parse_size(value: Any, path: str) -> int:
+    """`50GiB`, `500MB`, `1024` (bytes) → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.fullmatch(str(value)) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(path, "must be a size such as 50GiB, 500MB or a byte count")
+    size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()])
+    if size <= 0:
+        raise ConfigError(path, "must be larger than zero")
+    return size
+
+
+def _parse_upstreams(raw: Any, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("upstreams", "must be a non-empty list")
+    upstreams = tuple(_parse_upstream(item, f"upstreams[{i}]", env) for i, item in enumerate(raw))
+    seen: set[str] = set()
+    for i, upstream in enumerate(upstreams):
+        if upstream.name in seen:
+            raise ConfigError(f"upstreams[{i}].name", f"duplicate upstream {upstream.name!r}")
+        seen.add(upstream.name)
+    if sum(u.default for u in upstreams) > 1:
+        raise ConfigError("upstreams", "at most one upstream may be the default")
+    return upstreams
+
+
+def _parse_upstream(raw: Any, path: str, env: Mapping[str, str]) -> UpstreamConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "must be a mapping with name and url")
+    _reject_unknown(raw, {f.name for f in fields(UpstreamConfig)}, path)
+    name = raw.get("name")
+    if not isinstance(name, str) or not _UPSTREAM_NAME.fullmatch(name):
+        raise ConfigError(f"{path}.name", "must be a registry host such as docker.io")
+    url = _expand(raw.get("url"), f"{path}.url", env)
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ConfigError(f"{path}.url", "must be an http(s) URL")
+    default = raw.get("default", False)
+    if not isinstance(default, bool):
+        raise ConfigError(f"{path}.default", "must be true or false")
+    username = _expand(raw.get("username"), f"{path}.username", env)
+    password = _expand(raw.get("password"), f"{path}.password", env)
+    if (username is None) != (password is None):
+        raise ConfigError(path, "username and password must be given together")
+    return UpstreamConfig(
+        name=name,
+        url=(url or "").rstrip("/"),
+        default=default,
+        username=username,
+        password=Secret(password) if password is not None else None,
+        connect_timeout=_positive(raw.get("connect_timeout", 3.0), f"{path}.connect_timeout"),
+        read_timeout=_positive(raw.get("read_timeout", 30.0), f"{path}.read_timeout"),
+        manifest_ttl=_seconds(raw.get("manifest_ttl", 300.0), f"{path}.manifest_ttl"),
+    )
+
+
+def _positive(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(path, "must be a positive number of seconds")
+    return float(value)
+
+
+def _seconds(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(path, "must be zero or a positive number of seconds")
+    return float(value)
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str]) -> str | None:
+    """Substitute `${ENV_VAR}` references; a missing variable is an error, not ''."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(path, "must be a string")
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in env:
+            raise ConfigError(path, f"environment variable {name} is not set")
+        return env[name]
+
+    return _ENV_REF.sub(lookup, value)

@@ -1,0 +1,99 @@
+"""HTTP handlers: parse the name and reference, call one service, build the response."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from proxy.errors import Unsupported
+from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, PASSTHROUGH
+from proxy.manifests import Accept
+from proxy.references import parse_digest, parse_reference
+from proxy.responses import send_blob
+from proxy.routing import Target, client_name, resolve
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def _target(request: web.Request) -> Target:
+    return resolve(request.app[CONFIG], request.match_info["name"], request.query.get("ns"))
+
+
+def _headers(target: Target) -> dict[str, str]:
+    return {"OCI-Namespace": target.namespace} if target.namespace else {}
+
+
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def manifest(request: web.Request) -> web.Response:
+    target = _target(request)
+    reference = parse_reference(request.match_info["reference"])
+    accept = Accept(request.headers.getall("Accept", []))
+    found = await request.app[MANIFESTS].get(target, reference, accept)
+    headers = _headers(target) | {
+        "Docker-Content-Digest": str(found.digest),
+        "ETag": f'"{found.digest}"',
+    }
+    headers["Content-Type"] = found.media_type
+    return web.Response(body=found.data, headers=headers)
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    target = _target(request)
+    digest = parse_digest(request.match_info["digest"])
+    blobs = request.app[BLOBS]
+    headers = _headers(target) | {"Docker-Content-Digest": str(digest)}
+    if request.method == "HEAD":
+        size = await blobs.size(target, digest)
+        response = web.Response(headers=headers | {"Accept-Ranges": "bytes"})
+        response.content_type = "application/octet-stream"
+        response.content_length = size
+        return response
+    opened = await blobs.open(target, digest)
+    try:
+        return await send_blob(request, opened, headers)
+    finally:
+        opened.close()
+
+
+async def tags(request: web.Request) -> web.Response:
+    target = _target(request)
+    params = {k: request.query[k] for k in ("n", "last") if k in request.query}
+    listing = await request.app[PASSTHROUGH].tags(target, params)
+    return web.Response(body=listing.body, headers=_headers(target) | listing.headers)
+
+
+async def referrers(request: web.Request) -> web.Response:
+    target = _target(request)
+    digest = parse_digest(request.match_info["digest"])
+    params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
+    listing = await request.app[PASSTHROUGH].referrers(target, str(digest), params)
+    return web.Response(body=listing.body, headers=_headers(target) | listing.headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    default = config.default_upstream
+    names = sorted(
+        client_name(upstream, repo, default)
+        for name, repo in await request.app[CACHE].repositories()
+        if (upstream := config.upstream(name)) is not None
+    )
+    last = request.query.get("last")
+    if last:
+        names = [n for n in names if n > last]
+    headers = {}
+    n = request.query.get("n", "")
+    if n.isdigit() and int(n) < len(names):
+        names = names[: int(n)]
+        if names:
+            headers["Link"] = f'</v2/_catalog?n={n}&last={names[-1]}>; rel="next"'
+    body = json.dumps({"repositories": names}).encode()
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    raise Unsupported(f"{request.method} is not supported: this mirror is read-only")

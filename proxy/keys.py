@@ -1,0 +1,22 @@
+"""Typed keys for what the app owns (one owner per async resource)."""
+
+from __future__ import annotations
+
+from aiohttp import ClientSession, web
+
+from cache.store import Cache
+from proxy.blobs import BlobService
+from proxy.config import Config
+from proxy.manifests import ManifestService
+from proxy.passthrough import Passthrough
+from proxy.tasks import BackgroundTasks
+from proxy.upstream import UpstreamClient
+
+CONFIG = web.AppKey("config", Config)
+CACHE = web.AppKey("cache", Cache)
+SESSION = web.AppKey("session", ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+TASKS = web.AppKey("tasks", BackgroundTasks)
+MANIFESTS = web.AppKey("manifests", ManifestService)
+BLOBS = web.AppKey("blobs", BlobService)
+PASSTHROUGH = web.AppKey("passthrough", Passthrough)

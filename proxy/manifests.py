@@ -1,0 +1,208 @@
+"""Manifest lookups. The rules, in one place:
+
+    reference   cached?                          action
+    digest      yes                              serve from the cache; never revalidated
+    digest      no                               GET upstream, check the digest, store, serve
+    tag         yes, within manifest_ttl         serve from the cache, no upstream request
+    tag         yes, older                       HEAD upstream (free against Docker Hub's limit):
+                                                 same digest -> serve cached; new -> GET, store
+                                                 upstream fails -> serve the cached answer
+    tag         no (or not for this Accept)      GET upstream, store, remember tag -> digest
+
+Bytes are served exactly as upstream sent them: never re-serialized or converted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from cache.digests import Digest
+from cache.errors import InvalidDigest
+from cache.index import TagRow
+from cache.store import Cache
+from proxy.errors import (
+    ManifestTooLarge,
+    ManifestUnknown,
+    UpstreamBadResponse,
+    UpstreamFailed,
+    UpstreamUnavailable,
+)
+from proxy.routing import Target
+from proxy.upstream import UpstreamClient, raise_for_status
+
+log = logging.getLogger("pullthrough.manifests")
+
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+# Sent upstream when a client sends no Accept: every modern format, so that upstream
+# never down-converts to schema 1 on our behalf.
+DEFAULT_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+class Accept:
+    """The media types a client accepts; none given, or `*/*`, accepts anything."""
+
+    def __init__(self, headers: list[str]) -> None:
+        types = {part.split(";", 1)[0].strip().lower() for h in headers for part in h.split(",")}
+        types.discard("")
+        self.header = ", ".join(headers) if types else DEFAULT_ACCEPT
+        self._any = not types or "*/*" in types
+        self._types = types
+
+    def accepts(self, media_type: str) -> bool:
+        return self._any or media_type.lower() in self._types
+
+
+class ManifestService:
+    def __init__(
+        self, cache: Cache, client: UpstreamClient, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.cache = cache
+        self.client = client
+        self.clock = clock
+
+    async def get(self, target: Target, reference: str | Digest, accept: Accept) -> Manifest:
+        if isinstance(reference, Digest):
+            return await self._by_digest(target, reference, accept)
+        return await self._by_tag(target, reference, accept)
+
+    async def _by_digest(self, target: Target, digest: Digest, accept: Accept) -> Manifest:
+        cached = await self.cache.get_manifest(digest)
+        if cached is not None:
+            return Manifest(cached[0], cached[1], digest)
+        manifest = await self._fetch(target, str(digest), accept)
+        if manifest.digest != digest:
+            raise UpstreamBadResponse(
+                f"upstream {target.upstream.name} sent a manifest that does not match {digest}"
+            )
+        await self._store(target, manifest)
+        return manifest
+
+    async def _by_tag(self, target: Target, tag: str, accept: Accept) -> Manifest:
+        known = self._best(
+            await self.cache.tag_answers(target.upstream.name, target.repo, tag), accept
+        )
+        if known is None:
+            return await self._fetch_tag(target, tag, accept)
+        cached = await self.cache.get_manifest(Digest.parse(known.digest))
+        if cached is None:
+            return await self._fetch_tag(target, tag, accept)
+        stale = Manifest(cached[0], cached[1], Digest.parse(known.digest))
+        if self.clock() - known.checked < target.upstream.manifest_ttl:
+            return stale
+        try:
+            current = await self._head(target, tag, accept)
+        except UpstreamFailed as exc:
+            log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
+            return stale
+        if current == stale.digest:
+            await self._remember(target, tag, stale)
+            return stale
+        try:
+            return await self._fetch_tag(target, tag, accept)
+        except UpstreamFailed as exc:
+            log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
+            return stale
+
+    @staticmethod
+    def _best(rows: list[TagRow], accept: Accept) -> TagRow | None:
+        """The cached answer upstream would give this client: an index if it takes one."""
+        usable = [row for row in rows if accept.accepts(row.media_type)]
+        usable.sort(key=lambda row: (row.media_type in INDEX_TYPES, row.checked), reverse=True)
+        return usable[0] if usable else None
+
+    async def _fetch_tag(self, target: Target, tag: str, accept: Accept) -> Manifest:
+        manifest = await self._fetch(target, tag, accept)
+        await self._store(target, manifest)
+        await self._remember(target, tag, manifest)
+        return manifest
+
+    async def _remember(self, target: Target, tag: str, manifest: Manifest) -> None:
+        await self.cache.set_tag(
+            target.upstream.name, target.repo, tag, manifest.media_type, manifest.digest
+        )
+
+    async def _store(self, target: Target, manifest: Manifest) -> None:
+        await self.cache.put_manifest(
+            manifest.digest, manifest.data, manifest.media_type, target.upstream.name, target.repo
+        )
+
+    async def _head(self, target: Target, tag: str, accept: Accept) -> Digest | None:
+        response = await self._request(target, "HEAD", tag, accept)
+        response.release()
+        try:
+            return Digest.parse(response.headers.get("Docker-Content-Digest", ""))
+        except InvalidDigest:
+            return None  # no usable digest: the caller will GET
+
+    async def _fetch(self, target: Target, reference: str, accept: Accept) -> Manifest:
+        response = await self._request(target, "GET", reference, accept)
+        async with response:
+            if (response.content_length or 0) > MAX_MANIFEST_SIZE:
+                raise ManifestTooLarge(detail={"limit": MAX_MANIFEST_SIZE})
+            data = await _read_capped(response, target)
+            media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
+            announced = response.headers.get("Docker-Content-Digest")
+        algorithm = "sha512" if announced and announced.startswith("sha512:") else "sha256"
+        manifest = Manifest(data, media_type or _sniff_media_type(data), Digest.of(data, algorithm))
+        if announced and announced != str(manifest.digest):
+            raise UpstreamBadResponse(
+                f"upstream {target.upstream.name} sent a manifest whose bytes do not match"
+                " its Docker-Content-Digest"
+            )
+        return manifest
+
+    async def _request(
+        self, target: Target, method: str, reference: str, accept: Accept
+    ) -> aiohttp.ClientResponse:
+        response = await self.client.request(
+            target.upstream,
+            method,
+            f"/v2/{target.repo}/manifests/{reference}",
+            repo=target.repo,
+            headers={"Accept": accept.header},
+        )
+        raise_for_status(target.upstream, response, ManifestUnknown(detail={"name": target.name}))
+        return response
+
+
+async def _read_capped(response: aiohttp.ClientResponse, target: Target) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            total += len(chunk)
+            if total > MAX_MANIFEST_SIZE:
+                raise ManifestTooLarge(detail={"limit": MAX_MANIFEST_SIZE})
+            chunks.append(chunk)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamUnavailable(
+            f"upstream {target.upstream.name} broke off a manifest: {type(exc).__name__}"
+        ) from None
+    return b"".join(chunks)
+
+
+def _sniff_media_type(data: bytes) -> str:
+    """Upstreams that send no Content-Type: the manifest's own mediaType field says."""
+    try:
+        value = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        value = None
+    return value if isinstance(value, str) and value else OCI_MANIFEST

@@ -1,0 +1,226 @@
+"""HTTP to the upstream registries: auth, redirects, timeouts, and error mapping.
+
+One `UpstreamClient` per process, around the one `aiohttp.ClientSession`. It answers
+challenges itself, so callers just ask for a path in a repository. Three rules keep
+credentials where they belong:
+- the client's own `Authorization` is never forwarded (callers pass only what they choose);
+- upstream credentials and tokens never appear in errors or logs;
+- `Authorization` is never sent on a redirect to another origin (Docker Hub and Quay
+  redirect blob downloads to CDNs with signed URLs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from proxy.auth import Challenge, TokenCache, pick_challenge
+from proxy.config import UpstreamConfig
+from proxy.errors import (
+    Denied,
+    RegistryError,
+    Unauthorized,
+    UpstreamBadResponse,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger("pullthrough.upstream")
+
+MAX_REDIRECTS = 5
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+class UpstreamClient:
+    """Requests to any configured upstream, authenticated as that upstream asks."""
+
+    def __init__(self, session: aiohttp.ClientSession, tokens: TokenCache | None = None) -> None:
+        self.session = session
+        self.tokens = tokens or TokenCache()
+        self._challenges: dict[str, Challenge] = {}
+        self.ratelimit_remaining: dict[str, int] = {}
+
+    async def request(
+        self,
+        upstream: UpstreamConfig,
+        method: str,
+        path: str,
+        *,
+        repo: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request, answering one auth challenge. The caller releases the response.
+
+        Raises `UpstreamUnavailable` when upstream can't be reached or times out.
+        """
+        url = URL(upstream.url + path)
+        if params:
+            url = url.with_query(params)
+        scope = f"repository:{repo}:pull" if repo else None
+        sent_auth = await self._known_authorization(upstream, scope)
+        response = await self._send(upstream, method, url, headers, sent_auth)
+        if response.status != 401:
+            return response
+        challenge = pick_challenge(response.headers.getall("WWW-Authenticate", []))
+        if challenge is None:
+            return response
+        response.release()
+        self._challenges[upstream.name] = challenge
+        if sent_auth is not None:
+            # A cached token that upstream now refuses (expired early, revoked): drop it.
+            self.tokens.drop((upstream.name, scope))
+        authorization = await self._authorize(upstream, challenge, scope)
+        if authorization is None:
+            raise Unauthorized(f"upstream {upstream.name} requires credentials")
+        return await self._send(upstream, method, url, headers, authorization)
+
+    async def _known_authorization(self, upstream: UpstreamConfig, scope: str | None) -> str | None:
+        """Authorization we can send up front, because this upstream challenged us before."""
+        challenge = self._challenges.get(upstream.name)
+        if challenge is None:
+            return None
+        return await self._authorize(upstream, challenge, scope)
+
+    async def _authorize(
+        self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
+    ) -> str | None:
+        if challenge.scheme == "basic":
+            return _basic(upstream)
+        if challenge.scheme != "bearer" or not challenge.realm:
+            return None
+        token = await self.tokens.get_or_fetch(
+            (upstream.name, scope), lambda: self._fetch_token(upstream, challenge, scope)
+        )
+        return f"Bearer {token}"
+
+    async def _fetch_token(
+        self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
+    ) -> tuple[str, float]:
+        realm = URL(challenge.realm or "")
+        if realm.scheme not in ("http", "https"):
+            raise UpstreamBadResponse(f"upstream {upstream.name} sent an unusable token realm")
+        query: dict[str, str] = dict(realm.query)
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        wanted = challenge.params.get("scope") or scope
+        if wanted:
+            query["scope"] = wanted
+        headers = {}
+        basic = _basic(upstream)
+        if basic is not None:
+            headers["Authorization"] = basic
+            query["account"] = upstream.username or ""
+        try:
+            async with self.session.get(
+                realm.with_query(query), headers=headers, timeout=_timeout(upstream)
+            ) as response:
+                if response.status in (401, 403):
+                    raise Unauthorized(f"upstream {upstream.name}'s token service refused us")
+                if response.status != 200:
+                    raise _status_error(upstream, response)
+                body = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(
+                f"token service of {upstream.name} unreachable: {type(exc).__name__}"
+            ) from None
+        return _parse_token(upstream, body)
+
+    async def _send(
+        self,
+        upstream: UpstreamConfig,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str] | None,
+        authorization: str | None,
+    ) -> aiohttp.ClientResponse:
+        origin = url.origin()
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers or {})
+            if authorization is not None and url.origin() == origin:
+                sent["Authorization"] = authorization
+            try:
+                response = await self.session.request(
+                    method, url, headers=sent, allow_redirects=False, timeout=_timeout(upstream)
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise UpstreamUnavailable(
+                    f"upstream {upstream.name} unreachable: {type(exc).__name__}"
+                ) from None
+            self._note_ratelimit(upstream, response)
+            if response.status not in _REDIRECTS:
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if not location:
+                raise UpstreamBadResponse(f"upstream {upstream.name} redirected nowhere")
+            url = url.join(URL(location))
+            if url.scheme not in ("http", "https"):
+                raise UpstreamBadResponse(f"upstream {upstream.name} redirected to a non-http URL")
+            if response.status == 303:
+                method = "GET"
+        raise UpstreamBadResponse(f"upstream {upstream.name} redirected too many times")
+
+    def _note_ratelimit(self, upstream: UpstreamConfig, response: aiohttp.ClientResponse) -> None:
+        remaining = response.headers.get("ratelimit-remaining")
+        if remaining:
+            value = remaining.split(";", 1)[0].strip()
+            if value.isdigit():
+                self.ratelimit_remaining[upstream.name] = int(value)
+
+
+def _basic(upstream: UpstreamConfig) -> str | None:
+    if upstream.username is None or upstream.password is None:
+        return None
+    return aiohttp.BasicAuth(upstream.username, upstream.password.reveal()).encode()
+
+
+def _timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
+    )
+
+
+def _parse_token(upstream: UpstreamConfig, body: bytes) -> tuple[str, float]:
+    try:
+        data: Any = json.loads(body)
+        token = data.get("token") or data.get("access_token")
+        expires_in = float(data.get("expires_in") or 0)
+    except (ValueError, AttributeError, TypeError):
+        token = None
+    if not isinstance(token, str) or not token:
+        raise UpstreamBadResponse(f"token service of {upstream.name} sent no token")
+    return token, expires_in
+
+
+def _status_error(upstream: UpstreamConfig, response: aiohttp.ClientResponse) -> RegistryError:
+    """The error for an upstream status that isn't success or "not found"."""
+    status = response.status
+    if status == 401:
+        return Unauthorized(f"upstream {upstream.name} refused our credentials")
+    if status == 403:
+        return Denied(f"upstream {upstream.name} denied access")
+    if status == 429:
+        retry_after = response.headers.get("Retry-After", "")
+        headers = {"Retry-After": retry_after} if retry_after.isdigit() else {}
+        return UpstreamRateLimited(f"upstream {upstream.name} is rate-limiting", headers=headers)
+    if status >= 500:
+        return UpstreamUnavailable(f"upstream {upstream.name} answered {status}")
+    return UpstreamBadResponse(f"upstream {upstream.name} answered {status}")
+
+
+def raise_for_status(
+    upstream: UpstreamConfig, response: aiohttp.ClientResponse, not_found: RegistryError
+) -> None:
+    """Map a non-2xx upstream answer to the error a client should see (releasing it)."""
+    if 200 <= response.status < 300:
+        return
+    response.release()
+    if response.status == 404:
+        raise not_found
+    raise _status_error(upstream, response)
