@@ -120,17 +120,14 @@ class UpstreamBadResponse(UpstreamFailed):
     status, code, default_message = 502, "UNKNOWN", "upstream registry sent an invalid response"
 
 
-def error_response(error: RegistryError, method: str = "GET") -> web.Response:
-    body = json.dumps(error.envelope()).encode()
-    response = web.Response(
+def error_response(error: RegistryError) -> web.Response:
+    # For HEAD, aiohttp sends the headers (Content-Length included) and drops the body.
+    return web.Response(
         status=error.status,
-        body=None if method == "HEAD" else body,
+        body=json.dumps(error.envelope()).encode(),
         content_type="application/json",
         headers=error.headers,
     )
-    if method == "HEAD":
-        response.content_length = len(body)
-    return response
 
 
 def _from_http_exception(exc: web.HTTPException) -> RegistryError:
@@ -152,11 +149,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RegistryError as exc:
-        return error_response(exc, request.method)
+        return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc), request.method)
+        return error_response(_from_http_exception(exc))
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.rel_url.path)
-        return error_response(RegistryError(), request.method)
+        return error_response(RegistryError())

@@ -47,10 +47,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     blobs = request.app[BLOBS]
     headers = _headers(target) | {"Docker-Content-Digest": str(digest)}
     if request.method == "HEAD":
-        size = await blobs.size(target, digest)
-        response = web.Response(headers=headers | {"Accept-Ranges": "bytes"})
+        response = web.StreamResponse(headers=headers | {"Accept-Ranges": "bytes"})
         response.content_type = "application/octet-stream"
-        response.content_length = size
+        response.content_length = await blobs.size(target, digest)
+        await response.prepare(request)
         return response
     opened = await blobs.open(target, digest)
     try:

@@ -27,12 +27,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise _unsatisfiable(size)
         return max(0, size - length), size
     start = int(match[1])
-    end = int(match[2]) if match[2] is not None else size - 1
-    if end < start:
+    end = int(match[2]) if match[2] is not None else None
+    if end is not None and end < start:
         return None
     if start >= size:
         raise _unsatisfiable(size)
-    return start, min(end, size - 1) + 1
+    return start, size if end is None else min(end + 1, size)
 
 
 def _unsatisfiable(size: int) -> RangeNotSatisfiable:

@@ -11,6 +11,7 @@ credentials where they belong:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Mapping
@@ -177,7 +178,8 @@ class UpstreamClient:
 def _basic(upstream: UpstreamConfig) -> str | None:
     if upstream.username is None or upstream.password is None:
         return None
-    return aiohttp.BasicAuth(upstream.username, upstream.password.reveal()).encode()
+    pair = f"{upstream.username}:{upstream.password.reveal()}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:

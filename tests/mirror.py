@@ -1,0 +1,93 @@
+"""The mirror under test, served in-process on a real loopback socket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest_asyncio
+from aiohttp import web
+
+from proxy.app import make_app
+from proxy.config import Config, parse_config
+
+__all__ = ["FakeClock", "MakeMirror", "Mirror", "make_mirror"]
+
+
+class FakeClock:
+    """An injected wall clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Mirror:
+    url: str
+    host: str
+    app: web.Application
+    config: Config
+    clock: FakeClock
+    session: aiohttp.ClientSession
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.config.cache.path
+
+    def stored_blobs(self) -> set[str]:
+        """Digests of every committed file in the store."""
+        root = self.cache_dir / "blobs"
+        return {f"{p.parent.parent.name}:{p.name}" for p in root.glob("*/*/*") if p.is_file()}
+
+    def temp_files(self) -> list[Path]:
+        return list((self.cache_dir / "tmp").iterdir())
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.session.get(self.url + path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> Any:
+        return self.session.head(self.url + path, **kwargs)
+
+
+MakeMirror = Callable[..., Awaitable[Mirror]]
+
+
+def upstream_entry(name: str, url: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "url": url, **extra}
+
+
+@pytest_asyncio.fixture
+async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
+    """Factory: `mirror = await make_mirror([{"name": ..., "url": ...}], cache={...})`."""
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(upstreams: list[dict[str, Any]], **raw: Any) -> Mirror:
+        cache = {"path": str(tmp_path / f"cache{len(runners)}"), **raw.pop("cache", {})}
+        config = parse_config({"upstreams": upstreams, "cache": cache, **raw}, env={})
+        clock = FakeClock()
+        app = make_app(config, clock=clock)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        session = aiohttp.ClientSession(auto_decompress=False)
+        sessions.append(session)
+        return Mirror(f"http://{host}:{port}", f"{host}:{port}", app, config, clock, session)
+
+    yield make
+    for session in sessions:
+        await session.close()
+    for runner in reversed(runners):
+        await runner.cleanup()
