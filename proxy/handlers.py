@@ -6,7 +6,7 @@ import json
 
 from aiohttp import web
 
-from proxy.errors import Unsupported
+from proxy.errors import NameInvalid, Unsupported
 from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, PASSTHROUGH
 from proxy.manifests import Accept
 from proxy.references import parse_digest, parse_reference
@@ -17,6 +17,10 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 def _target(request: web.Request) -> Target:
+    # Names, tags and digests never need percent-encoding, and a decoded %2F would forge
+    # an extra path segment, so any escape in the path is refused outright.
+    if "%" in request.raw_path.partition("?")[0]:
+        raise NameInvalid("percent-encoded characters are not allowed in names")
     return resolve(request.app[CONFIG], request.match_info["name"], request.query.get("ns"))
 
 

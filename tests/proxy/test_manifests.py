@@ -1,0 +1,141 @@
+"""Manifest lookups against the fake upstream, on an injected clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.fake_upstream.server import Fault, FakeUpstream
+from tests.mirror import MakeMirror, Mirror
+
+REPO = "library/app"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TTL = 300
+
+
+def manifest_bytes(n: int) -> bytes:
+    # Odd spacing on purpose: bytes must come back exactly, never re-serialized.
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "annotations": {"n": str(n)}}
+    return json.dumps(doc, indent=3).encode() + b"\n"
+
+
+async def mirror_for(make_mirror: MakeMirror, upstream: FakeUpstream) -> Mirror:
+    return await make_mirror(
+        [{"name": "docker.io", "url": upstream.url, "default": True, "manifest_ttl": TTL}]
+    )
+
+
+async def get(mirror: Mirror, ref: str, method: str = "GET") -> tuple[int, Any, bytes]:
+    request = mirror.get if method == "GET" else mirror.head
+    async with request(f"/v2/app/manifests/{ref}", headers={"Accept": OCI_MANIFEST}) as response:
+        return response.status, response.headers.copy(), await response.read()
+
+
+def upstream_manifest_requests(upstream: FakeUpstream) -> list[str]:
+    return [r.method for r in upstream.requests if "/manifests/" in r.path]
+
+
+async def test_tag_then_digest_served_with_exact_bytes_and_headers(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    data = manifest_bytes(1)
+    digest = fake_upstream.add_manifest(REPO, "v1", data, OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+
+    status, headers, body = await get(mirror, "v1")
+    assert (status, body) == (200, data)
+    assert headers["Content-Type"] == OCI_MANIFEST
+    assert headers["Docker-Content-Digest"] == digest
+    assert headers["Content-Length"] == str(len(data))
+    assert headers["ETag"] == f'"{digest}"'
+
+    fake_upstream.clear()
+    assert (await get(mirror, digest))[2] == data
+    status, headers, body = await get(mirror, digest, "HEAD")
+    assert (status, body, headers["Content-Length"]) == (200, b"", str(len(data)))
+    assert fake_upstream.requests == []  # by digest: from the cache, never revalidated
+
+
+async def test_tag_within_ttl_asks_nothing_then_revalidates_with_head(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    data = manifest_bytes(1)
+    fake_upstream.add_manifest(REPO, "v1", data, OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    await get(mirror, "v1")
+
+    fake_upstream.clear()
+    mirror.clock.advance(TTL - 1)
+    assert (await get(mirror, "v1"))[2] == data
+    assert upstream_manifest_requests(fake_upstream) == []
+
+    mirror.clock.advance(2)
+    assert (await get(mirror, "v1"))[2] == data
+    assert upstream_manifest_requests(fake_upstream) == ["HEAD"]
+
+
+async def test_moved_tag_is_fetched_anew(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    fake_upstream.add_manifest(REPO, "v1", manifest_bytes(1), OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    await get(mirror, "v1")
+    new_digest = fake_upstream.add_manifest(REPO, "v1", manifest_bytes(2), OCI_MANIFEST)
+    mirror.clock.advance(TTL + 1)
+    status, headers, body = await get(mirror, "v1")
+    assert (status, body, headers["Docker-Content-Digest"]) == (200, manifest_bytes(2), new_digest)
+
+
+async def test_upstream_failure_serves_the_cached_tag(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    data = manifest_bytes(1)
+    fake_upstream.add_manifest(REPO, "v1", data, OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    await get(mirror, "v1")
+    fake_upstream.set_fault("v1", Fault(status=503, methods=("GET", "HEAD")))
+    mirror.clock.advance(TTL + 1)
+    assert (await get(mirror, "v1"))[:3:2] == (200, data)
+
+
+async def test_failures_with_nothing_cached(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    fake_upstream.add_manifest(REPO, "down", manifest_bytes(1), OCI_MANIFEST)
+    fake_upstream.add_manifest(REPO, "limited", manifest_bytes(2), OCI_MANIFEST)
+    fake_upstream.set_fault("down", Fault(status=502))
+    fake_upstream.set_fault("limited", Fault(status=429, retry_after=17))
+    mirror = await mirror_for(make_mirror, fake_upstream)
+
+    status, _, body = await get(mirror, "down")
+    assert (status, json.loads(body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
+    status, headers, body = await get(mirror, "limited")
+    assert (status, json.loads(body)["errors"][0]["code"]) == (429, "TOOMANYREQUESTS")
+    assert headers["Retry-After"] == "17"
+    status, _, body = await get(mirror, "absent")
+    assert (status, json.loads(body)["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN")
+
+
+async def test_manifest_whose_bytes_do_not_match_the_digest_is_refused(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    good = manifest_bytes(1)
+    digest = fake_upstream.add_manifest(REPO, "v1", good, OCI_MANIFEST)
+    fake_upstream.set_fault(digest, Fault(corrupt=True))
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    status, _, body = await get(mirror, digest)
+    assert status == 502
+    assert json.loads(body)["errors"][0]["code"] == "UNKNOWN"
+    assert digest not in mirror.stored_blobs()
+
+
+async def test_oversized_manifest_is_rejected_and_not_cached(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    huge = b'{"schemaVersion":2,"x":"' + b"a" * (4 * 1024 * 1024) + b'"}'
+    digest = fake_upstream.add_manifest(REPO, "huge", huge, OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    status, _, body = await get(mirror, "huge")
+    assert status == 502
+    assert json.loads(body)["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert digest not in mirror.stored_blobs()
