@@ -108,9 +108,12 @@ class Authenticator:
                 return None
         else:
             grant = self._live.get(_bearer_token(header) or "")
-            if grant is not None and not self._expired(grant):
-                if repository is None or grant.allows(repository, "pull"):
-                    return None
+            if (
+                grant is not None
+                and not self._expired(grant)
+                and (repository is None or grant.allows(repository, "pull"))
+            ):
+                return None
         return error_response(
             401,
             "UNAUTHORIZED",

@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from .server import FakeUpstream
 
-__all__ = ["fake_upstream", "make_fake_upstream", "MakeFakeUpstream"]
+__all__ = ["MakeFakeUpstream", "fake_upstream", "make_fake_upstream"]
 
 MakeFakeUpstream = Callable[..., Awaitable[FakeUpstream]]
 

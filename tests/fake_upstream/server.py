@@ -34,8 +34,8 @@ from .serving import (
 )
 
 __all__ = [
-    "FakeUpstream",
     "FakeCdn",
+    "FakeUpstream",
     "Fault",
     "PushedImage",
     "RecordedRequest",

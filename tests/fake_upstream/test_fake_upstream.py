@@ -493,7 +493,7 @@ async def test_hang_and_close_is_prompt(session: aiohttp.ClientSession) -> None:
                 pass
         # A second request parks in the handler until close() releases it.
         pending = asyncio.create_task(session.get(blob_url(up, digest)))
-        while up.count("GET", f"/v2/{REPO}/blobs/{digest}") < 2:
+        while up.count("GET", f"/v2/{REPO}/blobs/{digest}") < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     finally:
         await asyncio.wait_for(up.close(), 1.0)

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.auth import TokenCache, parse_challenges
 from tests.fake_upstream.fixtures import MakeFakeUpstream
-from tests.fake_upstream.server import Fault, FakeUpstream
+from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
 
 REPO = "org/app"
