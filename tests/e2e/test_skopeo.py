@@ -14,7 +14,7 @@ import pytest
 from tests.e2e.skopeo import copy_to_dir, manifest_digest, raw_manifest, verify_dir
 from tests.mirror import MakeMirror, Mirror
 from tests.upstream.fixtures import UpstreamImages
-from tests.upstream.images import PushedImage, push_blob
+from tests.upstream.images import PushedImage, multi_layer_image, push_blob
 from tests.upstream.registry import RegistryProcess
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -136,3 +136,25 @@ async def test_corrupt_blob_upstream_leaves_nothing_cached(
     await asyncio.sleep(0.1)
     assert blob.digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
+
+
+async def test_upstream_credentials_buy_tokens_from_the_real_token_server(
+    registry_factory: Callable[..., RegistryProcess], make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    registry = registry_factory(auth=True)
+    assert registry.token_server is not None
+    image = multi_layer_image(registry, registry.token_server, "private/app", "v1")
+    registry.token_server.require_auth = True  # anonymous pulls are refused from now on
+    registry.token_server.clear_requests()
+
+    entry = {"name": "docker.io", "url": registry.url, "default": True}
+    anonymous = await make_mirror([entry])
+    async with anonymous.get("/v2/private/app/manifests/v1") as response:
+        assert response.status == 401
+        assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
+
+    mirror = await make_mirror([{**entry, "username": "pusher", "password": "pushpass"}])
+    dest = await copy_to_dir(f"{mirror.host}/private/app:v1", tmp_path / "copy")
+    assert manifest_digest(dest) == image.digest
+    outcomes = {(r.username, r.status) for r in registry.token_server.requests}
+    assert outcomes == {(None, 401), ("pusher", 200)}

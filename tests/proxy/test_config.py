@@ -1,0 +1,121 @@
+"""Config parsing: defaults, validation naming the YAML path, env overrides, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, Secret, load_config
+
+MINIMAL = """
+upstreams:
+  - name: docker.io
+    url: https://registry-1.docker.io
+    default: true
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), env={})
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 5000)
+    assert config.cache.path == Path("./data")
+    assert config.cache.max_size == 50 * 1024**3
+    upstream = config.upstreams[0]
+    assert upstream.default and upstream.is_docker_hub
+    assert (upstream.connect_timeout, upstream.read_timeout, upstream.manifest_ttl) == (3, 30, 300)
+
+
+def test_the_shipped_mirror_yaml_parses() -> None:
+    config = load_config(Path(__file__).parents[2] / "mirror.yaml", env={})
+    assert [u.name for u in config.upstreams] == ["docker.io", "ghcr.io", "quay.io"]
+    assert config.default_upstream is config.upstreams[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("upstreams: []", "upstreams: must be a non-empty list"),
+        (
+            "upstreams: [{name: a.io, url: https://a.io}, {name: b.io, url: ftp://b.io}]",
+            "upstreams[1].url: must be an http(s) URL",
+        ),
+        ("upstreams: [{name: 'Bad Name', url: https://a.io}]", "upstreams[0].name:"),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, username: u}]",
+            "upstreams[0]: username and password must be given together",
+        ),
+        ("upstreams: [{name: a.io, url: https://a.io, colour: red}]", "upstreams[0].colour:"),
+        ("listen: nowhere\n" + MINIMAL, "listen: must be HOST:PORT"),
+        ("cache: {max_size: lots}\n" + MINIMAL, "cache.max_size: must be a size"),
+        ("version: 2\n" + MINIMAL, "version: must be 1"),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, default: true},"
+            " {name: b.io, url: https://b.io, default: true}]",
+            "upstreams: at most one upstream may be the default",
+        ),
+        ("upstreams: [{name: a.io, url: https://a.io, read_timeout: -1}]", "read_timeout"),
+        ("{{{", "not valid YAML at line 1"),
+    ],
+)
+def test_errors_name_the_yaml_path(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env={})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_sizes(tmp_path: Path) -> None:
+    for text, size in [("1GiB", 1024**3), ("500MB", 500 * 1000**2), ("1024", 1024)]:
+        config = load_config(write(tmp_path, f"cache: {{max_size: {text}}}\n{MINIMAL}"), env={})
+        assert config.cache.max_size == size
+
+
+def test_secrets_come_from_the_environment_and_never_print(tmp_path: Path) -> None:
+    text = MINIMAL + "    username: ${HUB_USER}\n    password: ${HUB_TOKEN}\n"
+    config = load_config(write(tmp_path, text), env={"HUB_USER": "me", "HUB_TOKEN": "t0ps3cret"})
+    upstream = config.upstreams[0]
+    assert upstream.username == "me"
+    assert upstream.password == Secret("t0ps3cret")
+    assert upstream.password is not None and upstream.password.reveal() == "t0ps3cret"
+    assert "t0ps3cret" not in repr(config) and "t0ps3cret" not in str(config)
+    with pytest.raises(ConfigError, match=r"upstreams\[0\].password: environment variable"):
+        load_config(write(tmp_path, text), env={"HUB_USER": "me"})
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {"PULLTHROUGH_LISTEN": "127.0.0.1:6000", "PULLTHROUGH_CACHE__PATH": "/srv/cache"}
+    config = load_config(write(tmp_path, MINIMAL), env=env)
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 6000)
+    assert config.cache.path == Path("/srv/cache")
+
+
+async def run(*argv: str, cwd: Path) -> tuple[int | None, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, err.decode()
+
+
+async def test_cli_bad_config_is_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    write(tmp_path, "upstreams: [{name: a.io, url: nope}]")
+    # `python -m proxy` with the default ./mirror.yaml, from the config's directory.
+    code, err = await run(sys.executable, "-m", "proxy", "serve", cwd=tmp_path)
+    assert (code, err) == (2, "pullthrough: upstreams[0].url: must be an http(s) URL\n")
+
+
+async def test_console_script_reports_a_missing_config(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "pullthrough"
+    code, err = await run(str(script), "serve", "--config", "absent.yaml", cwd=tmp_path)
+    assert code == 2
+    assert err.startswith("pullthrough: cannot read config 'absent.yaml'")
+    assert "Traceback" not in err
