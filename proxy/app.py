@@ -19,8 +19,19 @@ from proxy.auth import TokenCache
 from proxy.blobs import BlobService
 from proxy.config import Config
 from proxy.errors import error_middleware
-from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, PASSTHROUGH, SESSION, TASKS, UPSTREAM
+from proxy.keys import (
+    BLOBS,
+    CACHE,
+    CONFIG,
+    MANIFESTS,
+    METRICS,
+    PASSTHROUGH,
+    SESSION,
+    TASKS,
+    UPSTREAM,
+)
 from proxy.manifests import ManifestService
+from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
@@ -32,6 +43,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     """The mirror for `config`. `clock` decides every TTL, so tests can move time."""
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
+    app[METRICS] = Metrics()
     app.on_response_prepare.append(_api_version_header)
     app.cleanup_ctx.append(lambda app: _cache(app, clock))
     app.cleanup_ctx.append(_upstream)
@@ -42,6 +54,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
 
 def _add_routes(app: web.Application) -> None:
     read = ("GET", "HEAD")
+    app.router.add_route("GET", "/metrics", handlers.metrics)
     app.router.add_route("GET", "/v2/", handlers.ping)
     app.router.add_route("GET", "/v2/_catalog", handlers.catalog)
     app.router.add_route("*", f"/v2/{NAME}/blobs/uploads/{{rest:.*}}", handlers.unsupported)
@@ -85,8 +98,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 async def _services(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
-    app[MANIFESTS] = ManifestService(app[CACHE], app[UPSTREAM], clock)
-    app[BLOBS] = BlobService(app[CACHE], app[UPSTREAM], tasks)
+    app[MANIFESTS] = ManifestService(app[CACHE], app[UPSTREAM], app[METRICS], clock)
+    app[BLOBS] = BlobService(app[CACHE], app[UPSTREAM], tasks, app[METRICS])
     app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
     yield
     await tasks.close()

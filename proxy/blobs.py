@@ -20,6 +20,7 @@ from cache.digests import Digest
 from cache.errors import FillFailed
 from cache.store import Cache, OpenBlob
 from proxy.errors import BlobUnknown, RegistryError, UpstreamUnavailable
+from proxy.metrics import Metrics
 from proxy.routing import Target
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient, raise_for_status
@@ -30,10 +31,13 @@ UPSTREAM_CHUNK = 1 << 20  # 1 MiB reads are ~3x faster than 64 KiB ones (FACTS.m
 
 
 class BlobService:
-    def __init__(self, cache: Cache, client: UpstreamClient, tasks: BackgroundTasks) -> None:
+    def __init__(
+        self, cache: Cache, client: UpstreamClient, tasks: BackgroundTasks, metrics: Metrics
+    ) -> None:
         self.cache = cache
         self.client = client
         self.tasks = tasks
+        self.metrics = metrics
 
     async def open(self, target: Target, digest: Digest) -> OpenBlob:
         """A readable blob with a known size. The caller closes it."""
@@ -87,6 +91,7 @@ class BlobService:
         except FillFailed as exc:
             # Wrong bytes: nothing is committed, and readers see their bodies cut off.
             log.error("discarded %s from %s: %s", digest, upstream.name, exc)
+            self.metrics.digest_mismatches.labels("blob", upstream.name).inc()
             self.cache.abandon_fill(fill, exc)
         except asyncio.CancelledError:
             self.cache.abandon_fill(fill, UpstreamUnavailable("the mirror is shutting down"))

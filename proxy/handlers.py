@@ -7,8 +7,9 @@ import json
 from aiohttp import web
 
 from proxy.errors import NameInvalid, Unsupported
-from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, PASSTHROUGH
+from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, METRICS, PASSTHROUGH
 from proxy.manifests import Accept
+from proxy.metrics import metrics_response
 from proxy.references import parse_digest, parse_reference
 from proxy.responses import send_blob
 from proxy.routing import Target, client_name, resolve
@@ -26,6 +27,10 @@ def _target(request: web.Request) -> Target:
 
 def _headers(target: Target) -> dict[str, str]:
     return {"OCI-Namespace": target.namespace} if target.namespace else {}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return metrics_response(request.app[METRICS])
 
 
 async def ping(request: web.Request) -> web.Response:

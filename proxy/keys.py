@@ -8,11 +8,13 @@ from cache.store import Cache
 from proxy.blobs import BlobService
 from proxy.config import Config
 from proxy.manifests import ManifestService
+from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 
 CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
 CACHE = web.AppKey("cache", Cache)
 SESSION = web.AppKey("session", ClientSession)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)

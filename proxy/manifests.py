@@ -33,6 +33,7 @@ from proxy.errors import (
     UpstreamFailed,
     UpstreamUnavailable,
 )
+from proxy.metrics import Metrics
 from proxy.routing import Target
 from proxy.upstream import UpstreamClient, raise_for_status
 
@@ -72,10 +73,15 @@ class Accept:
 
 class ManifestService:
     def __init__(
-        self, cache: Cache, client: UpstreamClient, clock: Callable[[], float] = time.time
+        self,
+        cache: Cache,
+        client: UpstreamClient,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cache = cache
         self.client = client
+        self.metrics = metrics
         self.clock = clock
 
     async def get(self, target: Target, reference: str | Digest, accept: Accept) -> Manifest:
@@ -89,6 +95,7 @@ class ManifestService:
             return Manifest(cached[0], cached[1], digest)
         manifest = await self._fetch(target, str(digest), accept)
         if manifest.digest != digest:
+            self.metrics.digest_mismatches.labels("manifest", target.upstream.name).inc()
             raise UpstreamBadResponse(
                 f"upstream {target.upstream.name} sent a manifest that does not match {digest}"
             )
@@ -163,6 +170,7 @@ class ManifestService:
         algorithm = "sha512" if announced and announced.startswith("sha512:") else "sha256"
         manifest = Manifest(data, media_type or _sniff_media_type(data), Digest.of(data, algorithm))
         if announced and announced != str(manifest.digest):
+            self.metrics.digest_mismatches.labels("manifest", target.upstream.name).inc()
             raise UpstreamBadResponse(
                 f"upstream {target.upstream.name} sent a manifest whose bytes do not match"
                 " its Docker-Content-Digest"

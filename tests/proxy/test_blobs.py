@@ -158,12 +158,12 @@ async def fetch_range(mirror: Mirror, path: str, spec: str) -> tuple[int, dict[s
 
 
 @pytest.mark.parametrize(
-    "fault",
-    [Fault(corrupt=True), Fault(reset_after=300_000), Fault(wrong_length=-1000)],
+    ("fault", "mismatches"),
+    [(Fault(corrupt=True), 1), (Fault(reset_after=300_000), 0), (Fault(wrong_length=-1000), 1)],
     ids=["corrupt", "reset", "short-length"],
 )
 async def test_bad_upstream_bytes_are_never_cached_or_served_whole(
-    fake_upstream: FakeUpstream, make_mirror: MakeMirror, fault: Fault
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, fault: Fault, mismatches: int
 ) -> None:
     data = os.urandom(1024 * 1024)
     digest = fake_upstream.add_blob(REPO, data)
@@ -176,6 +176,16 @@ async def test_bad_upstream_bytes_are_never_cached_or_served_whole(
     await asyncio.sleep(0.1)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
+    assert await digest_mismatches(mirror) == mismatches
+
+
+async def digest_mismatches(mirror: Mirror) -> float:
+    async with mirror.get("/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith('pullthrough_digest_mismatches_total{kind="blob"'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def test_download_recovers_after_a_reset(

@@ -168,3 +168,18 @@ async def test_token_lifetime_honours_expires_in_with_a_sixty_second_floor() -> 
     assert tokens.get("long") == "token2"
     now[0] += 2
     assert tokens.get("long") is None
+
+
+async def test_the_clients_authorization_is_never_forwarded(
+    make_fake_upstream: MakeFakeUpstream, make_mirror: MakeMirror
+) -> None:
+    upstream = await make_fake_upstream(auth="ghcr")
+    digest = upstream.add_blob(REPO, b"data")
+    mirror = await mirror_for(make_mirror, upstream)
+    secret = {"Authorization": "Bearer client-own-token-xyz"}
+    async with mirror.get(f"/v2/ghcr.io/{REPO}/blobs/{digest}", headers=secret) as response:
+        assert response.status == 200
+    async with mirror.get(f"/v2/ghcr.io/{REPO}/manifests/v1", headers=secret) as response:
+        assert response.status == 404
+    assert upstream.requests
+    assert all("client-own-token" not in str(r.headers) for r in upstream.requests)
