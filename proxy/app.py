@@ -46,7 +46,7 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     app[METRICS] = Metrics()
     app.on_response_prepare.append(_api_version_header)
     app.cleanup_ctx.append(lambda app: _cache(app, clock))
-    app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(lambda app: _upstream(app, clock))
     app.cleanup_ctx.append(lambda app: _services(app, clock))
     _add_routes(app)
     return app
@@ -82,7 +82,7 @@ async def _cache(app: web.Application, clock: Callable[[], float]) -> AsyncItera
     await cache.close()
 
 
-async def _upstream(app: web.Application) -> AsyncIterator[None]:
+async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(
         auto_decompress=False,
         # Bytes must arrive as upstream stored them, or their digests won't match.
@@ -90,7 +90,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=200, limit_per_host=64),
     )
     app[SESSION] = session
-    app[UPSTREAM] = UpstreamClient(session, TokenCache())
+    app[UPSTREAM] = UpstreamClient(session, TokenCache(), clock=clock)
     yield
     await session.close()
 

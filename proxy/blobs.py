@@ -100,6 +100,7 @@ class BlobService:
             self.cache.abandon_fill(fill, exc)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("download of %s from %s failed: %r", digest, upstream.name, exc)
+            self.client.breaker(upstream).failure(unreachable=isinstance(exc, TimeoutError))
             self.cache.abandon_fill(
                 fill, UpstreamUnavailable(f"download from {upstream.name} failed")
             )

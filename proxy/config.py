@@ -36,6 +36,10 @@ _SIZE_UNITS = {
     "GIB": 1024**3,
     "TIB": 1024**4,
 }
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Per-upstream settings that `upstream_defaults` may set for all upstreams at once.
+_TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl")
 # An upstream name is the registry host clients ask for: a hostname, optionally with a port.
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 
@@ -95,10 +99,21 @@ class UpstreamConfig:
         return self.name in ("docker.io", "registry-1.docker.io", "index.docker.io")
 
 
+# The defaults of the per-upstream tunables, read off the dataclass so they live in one place.
+_DEFAULTS = {f.name: f.default for f in fields(UpstreamConfig) if f.name in _TUNABLE}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     path: Path = field(default=Path("./data"), metadata=_help("directory of blobs and index"))
     max_size: int = field(default=50 * 1024**3, metadata=_help("size budget, e.g. 50GiB"))
+    blob_ttl: float = field(
+        default=30 * 86400.0, metadata=_help("content unused this long is evicted, e.g. 30d")
+    )
+    high_watermark: float = field(
+        default=0.9, metadata=_help("share of max_size that starts an eviction")
+    )
+    low_watermark: float = field(default=0.8, metadata=_help("share of max_size it evicts down to"))
 
 
 @dataclass(frozen=True)
@@ -157,12 +172,12 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
-    _reject_unknown(raw, {"version", "listen", "cache", "upstreams"}, "")
+    _reject_unknown(raw, {"version", "listen", "cache", "upstreams", "upstream_defaults"}, "")
     version = raw.get("version", 1)
     if version != 1:
         raise ConfigError("version", "must be 1")
     host, port = _parse_listen(raw.get("listen", "0.0.0.0:5000"))
-    upstreams = _parse_upstreams(raw.get("upstreams"), env)
+    upstreams = _parse_upstreams(raw.get("upstreams"), raw.get("upstream_defaults", {}), env)
     return Config(
         version=1,
         listen_host=host,
@@ -194,9 +209,23 @@ def _parse_cache(raw: Any) -> CacheConfig:
     path = raw.get("path", "./data")
     if not isinstance(path, str) or not path:
         raise ConfigError("cache.path", "must be a directory path")
+    high = _fraction(raw.get("high_watermark", 0.9), "cache.high_watermark")
+    low = _fraction(raw.get("low_watermark", 0.8), "cache.low_watermark")
+    if low >= high:
+        raise ConfigError("cache.low_watermark", "must be below cache.high_watermark")
     return CacheConfig(
-        path=Path(path), max_size=parse_size(raw.get("max_size", "50GiB"), "cache.max_size")
+        path=Path(path),
+        max_size=parse_size(raw.get("max_size", "50GiB"), "cache.max_size"),
+        blob_ttl=parse_duration(raw.get("blob_ttl", "30d"), "cache.blob_ttl"),
+        high_watermark=high,
+        low_watermark=low,
     )
+
+
+def _fraction(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigError(path, "must be a fraction between 0 and 1, e.g. 0.9")
+    return float(value)
 
 
 def parse_size(value: Any, path: str) -> int:
@@ -212,10 +241,16 @@ def parse_size(value: Any, path: str) -> int:
     return size
 
 
-def _parse_upstreams(raw: Any, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+def _parse_upstreams(raw: Any, defaults: Any, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("upstreams", "must be a non-empty list")
-    upstreams = tuple(_parse_upstream(item, f"upstreams[{i}]", env) for i, item in enumerate(raw))
+    if not isinstance(defaults, dict):
+        raise ConfigError("upstream_defaults", "must be a mapping")
+    _reject_unknown(defaults, set(_TUNABLE), "upstream_defaults")
+    _tunables({}, "upstream_defaults", defaults)  # report bad defaults under their own path
+    upstreams = tuple(
+        _parse_upstream(item, f"upstreams[{i}]", defaults, env) for i, item in enumerate(raw)
+    )
     seen: set[str] = set()
     for i, upstream in enumerate(upstreams):
         if upstream.name in seen:
@@ -226,7 +261,9 @@ def _parse_upstreams(raw: Any, env: Mapping[str, str]) -> tuple[UpstreamConfig, 
     return upstreams
 
 
-def _parse_upstream(raw: Any, path: str, env: Mapping[str, str]) -> UpstreamConfig:
+def _parse_upstream(
+    raw: Any, path: str, defaults: dict[str, Any], env: Mapping[str, str]
+) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise ConfigError(path, "must be a mapping with name and url")
     _reject_unknown(raw, {f.name for f in fields(UpstreamConfig)}, path)
@@ -250,22 +287,29 @@ def _parse_upstream(raw: Any, path: str, env: Mapping[str, str]) -> UpstreamConf
         default=default,
         username=username,
         password=Secret(password) if password is not None else None,
-        connect_timeout=_positive(raw.get("connect_timeout", 3.0), f"{path}.connect_timeout"),
-        read_timeout=_positive(raw.get("read_timeout", 30.0), f"{path}.read_timeout"),
-        manifest_ttl=_seconds(raw.get("manifest_ttl", 300.0), f"{path}.manifest_ttl"),
+        **_tunables(raw, path, defaults),
     )
 
 
-def _positive(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(path, "must be a positive number of seconds")
-    return float(value)
+def _tunables(raw: dict[str, Any], path: str, defaults: dict[str, Any]) -> dict[str, float]:
+    values = {key: raw.get(key, defaults.get(key, _DEFAULTS[key])) for key in _TUNABLE}
+    return {
+        key: parse_duration(value, f"{path}.{key}", allow_zero=key == "manifest_ttl")
+        for key, value in values.items()
+    }
 
 
-def _seconds(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(path, "must be zero or a positive number of seconds")
-    return float(value)
+def parse_duration(value: Any, path: str, *, allow_zero: bool = False) -> float:
+    """`30` (seconds), `500ms`, `30s`, `5m`, `2h`, `30d` → seconds."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
+        lower = "zero or more" if allow_zero else "more than zero"
+        raise ConfigError(path, f"must be a duration of {lower}, e.g. 30s, 5m, 2h, 30d")
+    return seconds
 
 
 def _expand(value: Any, path: str, env: Mapping[str, str]) -> str | None:

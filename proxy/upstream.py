@@ -14,13 +14,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from proxy.auth import Challenge, TokenCache, pick_challenge
+from proxy.breaker import CircuitBreaker
 from proxy.config import UpstreamConfig
 from proxy.errors import (
     Denied,
@@ -40,11 +42,23 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 class UpstreamClient:
     """Requests to any configured upstream, authenticated as that upstream asks."""
 
-    def __init__(self, session: aiohttp.ClientSession, tokens: TokenCache | None = None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        tokens: TokenCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.session = session
         self.tokens = tokens or TokenCache()
+        self.clock = clock
         self._challenges: dict[str, Challenge] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
         self.ratelimit_remaining: dict[str, int] = {}
+
+    def breaker(self, upstream: UpstreamConfig) -> CircuitBreaker:
+        if upstream.name not in self._breakers:
+            self._breakers[upstream.name] = CircuitBreaker(upstream.name, clock=self.clock)
+        return self._breakers[upstream.name]
 
     async def request(
         self,
@@ -141,18 +155,27 @@ class UpstreamClient:
         authorization: str | None,
     ) -> aiohttp.ClientResponse:
         origin = url.origin()
+        breaker = self.breaker(upstream)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers or {})
             if authorization is not None and url.origin() == origin:
                 sent["Authorization"] = authorization
+            breaker.before_request()
             try:
                 response = await self.session.request(
                     method, url, headers=sent, allow_redirects=False, timeout=_timeout(upstream)
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # Refused, or no answer within the timeouts: mark upstream down at once, so
+                # the next request doesn't wait for the same timeout again.
+                breaker.failure(unreachable=True)
                 raise UpstreamUnavailable(
                     f"upstream {upstream.name} unreachable: {type(exc).__name__}"
                 ) from None
+            if response.status >= 500:
+                breaker.failure()
+            else:
+                breaker.success()
             self._note_ratelimit(upstream, response)
             if response.status not in _REDIRECTS:
                 return response

@@ -63,6 +63,14 @@ def test_the_shipped_mirror_yaml_parses() -> None:
             "upstreams: at most one upstream may be the default",
         ),
         ("upstreams: [{name: a.io, url: https://a.io, read_timeout: -1}]", "read_timeout"),
+        ("upstream_defaults: {read_timeout: soon}\n" + MINIMAL, "upstream_defaults.read_timeout"),
+        ("upstream_defaults: {retries: 3}\n" + MINIMAL, "upstream_defaults.retries: unknown"),
+        ("cache: {high_watermark: 1.5}\n" + MINIMAL, "cache.high_watermark: must be a fraction"),
+        (
+            "cache: {high_watermark: 0.5, low_watermark: 0.6}\n" + MINIMAL,
+            "cache.low_watermark: must be below",
+        ),
+        ("cache: {blob_ttl: forever}\n" + MINIMAL, "cache.blob_ttl: must be a duration"),
         ("{{{", "not valid YAML at line 1"),
     ],
 )
@@ -71,6 +79,22 @@ def test_errors_name_the_yaml_path(tmp_path: Path, text: str, message: str) -> N
         load_config(write(tmp_path, text), env={})
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_upstream_defaults_and_durations(tmp_path: Path) -> None:
+    text = (
+        "upstream_defaults: {manifest_ttl: 10m, read_timeout: 5s}\n"
+        "cache: {blob_ttl: 7d}\n"
+        "upstreams:\n"
+        "  - {name: a.io, url: https://a.io}\n"
+        "  - {name: b.io, url: https://b.io, manifest_ttl: 0, connect_timeout: 500ms}\n"
+    )
+    config = load_config(write(tmp_path, text), env={})
+    a, b = config.upstreams
+    assert (a.manifest_ttl, a.read_timeout, a.connect_timeout) == (600, 5, 3)
+    assert (b.manifest_ttl, b.read_timeout, b.connect_timeout) == (0, 5, 0.5)
+    assert config.cache.blob_ttl == 7 * 86400
+    assert (config.cache.high_watermark, config.cache.low_watermark) == (0.9, 0.8)
 
 
 def test_sizes(tmp_path: Path) -> None:

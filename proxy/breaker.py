@@ -1,0 +1,79 @@
+"""A circuit breaker per upstream, so that an outage costs a client one timeout, not one
+per layer.
+
+    closed ──(connect failure, or `threshold` 5xx/timeouts in a row)──▶ open
+    open ──(interval elapsed; the next request is let through as the probe)──▶ half-open
+    half-open ──(probe succeeds)──▶ closed        interval back to `min_open`
+    half-open ──(probe fails)──▶ open             interval doubled, up to `max_open`
+
+While open, requests fail at once with `UpstreamUnavailable`, so callers go straight to
+stale content or a 503.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.errors import UpstreamUnavailable
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    threshold: int = 3
+    min_open: float = 2.0
+    max_open: float = 60.0
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        name: str,
+        settings: BreakerSettings = BreakerSettings(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.clock = clock
+        self.state = "closed"
+        self.failures = 0
+        self.interval = settings.min_open
+        self.opened_at = 0.0
+        self._probing = False
+
+    def before_request(self) -> None:
+        """Raise at once if upstream is marked down; otherwise let the request go."""
+        if self.state == "closed":
+            return
+        if self.state == "open" and self.clock() - self.opened_at >= self.interval:
+            self.state = "half-open"
+            self._probing = False
+        if self.state == "half-open" and not self._probing:
+            self._probing = True  # this request is the one probe
+            return
+        remaining = max(0.0, self.opened_at + self.interval - self.clock())
+        raise UpstreamUnavailable(
+            f"upstream {self.name} is marked down after repeated failures;"
+            f" next try in {remaining:.0f}s"
+        )
+
+    def success(self) -> None:
+        self.state = "closed"
+        self.failures = 0
+        self.interval = self.settings.min_open
+        self._probing = False
+
+    def failure(self, *, unreachable: bool = False) -> None:
+        """Record a failure. `unreachable` (refused, connect timeout) opens at once."""
+        self.failures += 1
+        if self.state == "half-open":
+            self.interval = min(self.interval * 2, self.settings.max_open)
+            self._open()
+        elif self.state == "closed" and (unreachable or self.failures >= self.settings.threshold):
+            self._open()
+
+    def _open(self) -> None:
+        self.state = "open"
+        self.opened_at = self.clock()
+        self._probing = False
