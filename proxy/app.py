@@ -90,7 +90,7 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
         connector=aiohttp.TCPConnector(limit=200, limit_per_host=64),
     )
     app[SESSION] = session
-    app[UPSTREAM] = UpstreamClient(session, TokenCache(), clock=clock)
+    app[UPSTREAM] = UpstreamClient(session, app[METRICS], TokenCache(), clock=clock)
     yield
     await session.close()
 

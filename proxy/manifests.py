@@ -63,9 +63,11 @@ class Accept:
     def __init__(self, headers: list[str]) -> None:
         types = {part.split(";", 1)[0].strip().lower() for h in headers for part in h.split(",")}
         types.discard("")
-        self.header = ", ".join(headers) if types else DEFAULT_ACCEPT
         self._any = not types or "*/*" in types
         self._types = types
+        # For "anything", name the modern types: given only */*, distribution (and Docker
+        # Hub) down-convert schema 2 manifests to signed schema 1, with another digest.
+        self.header = DEFAULT_ACCEPT if self._any else ", ".join(headers)
 
     def accepts(self, media_type: str) -> bool:
         return self._any or media_type.lower() in self._types
@@ -116,16 +118,13 @@ class ManifestService:
             return stale
         try:
             current = await self._head(target, tag, accept)
-        except UpstreamFailed as exc:
-            log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
-            return stale
-        if current == stale.digest:
-            await self._remember(target, tag, stale)
-            return stale
-        try:
+            if current == stale.digest:
+                await self._remember(target, tag, stale)
+                return stale
             return await self._fetch_tag(target, tag, accept)
         except UpstreamFailed as exc:
             log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
+            self.metrics.stale.labels("manifest", target.upstream.name).inc()
             return stale
 
     @staticmethod

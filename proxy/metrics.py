@@ -4,7 +4,13 @@ so that several apps in one process, as in tests, keep separate counts)."""
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 
 
 class Metrics:
@@ -14,6 +20,18 @@ class Metrics:
             "pullthrough_digest_mismatches_total",
             "Downloads discarded because their bytes did not match the digest",
             ["kind", "upstream"],
+            registry=self.registry,
+        )
+        self.stale = Counter(
+            "pullthrough_stale_total",
+            "Cached answers served because upstream failed (stale-if-error)",
+            ["kind", "upstream"],
+            registry=self.registry,
+        )
+        self.ratelimit_remaining = Gauge(
+            "pullthrough_upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream (Docker Hub) reported",
+            ["upstream"],
             registry=self.registry,
         )
 

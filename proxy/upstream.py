@@ -32,10 +32,12 @@ from proxy.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from proxy.metrics import Metrics
 
 log = logging.getLogger("pullthrough.upstream")
 
 MAX_REDIRECTS = 5
+LOW_RATELIMIT = 10  # pulls left at which a warning is logged
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -45,15 +47,16 @@ class UpstreamClient:
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        metrics: Metrics,
         tokens: TokenCache | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
+        self.metrics = metrics
         self.tokens = tokens or TokenCache()
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        self.ratelimit_remaining: dict[str, int] = {}
 
     def breaker(self, upstream: UpstreamConfig) -> CircuitBreaker:
         if upstream.name not in self._breakers:
@@ -191,11 +194,16 @@ class UpstreamClient:
         raise UpstreamBadResponse(f"upstream {upstream.name} redirected too many times")
 
     def _note_ratelimit(self, upstream: UpstreamConfig, response: aiohttp.ClientResponse) -> None:
-        remaining = response.headers.get("ratelimit-remaining")
-        if remaining:
-            value = remaining.split(";", 1)[0].strip()
-            if value.isdigit():
-                self.ratelimit_remaining[upstream.name] = int(value)
+        """Docker Hub reports pulls left as `ratelimit-remaining: 76;w=21600`."""
+        value = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()
+        if not value.isdigit():
+            return
+        remaining = int(value)
+        self.metrics.ratelimit_remaining.labels(upstream.name).set(remaining)
+        if remaining < LOW_RATELIMIT:
+            log.warning(
+                "upstream %s: only %d pulls left in its rate limit", upstream.name, remaining
+            )
 
 
 def _basic(upstream: UpstreamConfig) -> str | None:

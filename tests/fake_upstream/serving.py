@@ -42,6 +42,8 @@ class LoopbackServer:
 
     def __init__(self) -> None:
         self.closing = asyncio.Event()
+        # Headers added to every response, e.g. Docker Hub's ratelimit-remaining.
+        self.extra_headers: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -50,6 +52,7 @@ class LoopbackServer:
             raise RuntimeError(f"{type(self).__name__} can only be started once")
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.on_response_prepare.append(self._add_extra_headers)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -65,6 +68,9 @@ class LoopbackServer:
             raise
         self._runner = runner
         self._port = runner.addresses[0][1]
+
+    async def _add_extra_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(self.extra_headers)
 
     async def close(self) -> None:
         """Stop the server; parked handlers are released first.  Idempotent."""
