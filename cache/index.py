@@ -7,8 +7,9 @@ mode, with short `BEGIN IMMEDIATE` transactions. The schema is one string, migra
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,36 +109,45 @@ class Index:
         elif version != SCHEMA_VERSION:
             raise StoreClosed(f"index schema {version} is newer than this program's")
 
-    async def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         db = self.db
         await db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
-                await db.execute(sql, params)
+            yield db
         except BaseException:
             await db.execute("ROLLBACK")
             raise
         await db.execute("COMMIT")
 
+    async def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
+        async with self._transaction() as db:
+            for sql, params in statements:
+                await db.execute(sql, params)
+
     async def add_blob(
         self, digest: str, size: int, media_type: str | None, upstream: str, repo: str
-    ) -> None:
+    ) -> bool:
+        """Index a stored blob; True if it is new (and so adds to the cache's size)."""
         now = self.clock()
-        await self._write(
-            [
-                (
-                    "INSERT INTO blobs (digest, size, media_type, created, last_access)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET"
-                    " last_access = excluded.last_access,"
-                    " media_type = coalesce(blobs.media_type, excluded.media_type)",
-                    (digest, size, media_type, now, now),
-                ),
-                (
-                    "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
-                    (upstream, repo, digest),
-                ),
-            ]
-        )
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (digest, size, media_type, now, now),
+            )
+            added = cursor.rowcount == 1
+            if not added:
+                await db.execute(
+                    "UPDATE blobs SET last_access = ?, media_type = coalesce(media_type, ?)"
+                    " WHERE digest = ?",
+                    (now, media_type, digest),
+                )
+            await db.execute(
+                "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
+                (upstream, repo, digest),
+            )
+        return added
 
     async def link_repo(self, upstream: str, repo: str, digest: str) -> None:
         await self._write(
@@ -157,13 +167,52 @@ class Index:
         return BlobRow(row[0], row[1], row[2]) if row else None
 
     async def remove_blob(self, digest: str) -> None:
-        await self._write(
-            [
-                ("DELETE FROM blobs WHERE digest = ?", (digest,)),
-                ("DELETE FROM repo_blobs WHERE digest = ?", (digest,)),
-                ("DELETE FROM tags WHERE digest = ?", (digest,)),
-            ]
+        await self.remove_blobs([digest])
+
+    async def remove_blobs(self, digests: list[str]) -> None:
+        rows = [(digest,) for digest in digests]
+        async with self._transaction() as db:
+            await db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
+            await db.executemany("DELETE FROM repo_blobs WHERE digest = ?", rows)
+            await db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+
+    async def usage(self) -> tuple[int, int]:
+        """(bytes, count) of everything indexed."""
+        async with self.db.execute("SELECT coalesce(sum(size), 0), count(*) FROM blobs") as cursor:
+            row = await cursor.fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    async def touch(self, accessed: dict[str, float]) -> None:
+        """Record last-access times in one transaction (they are batched in memory)."""
+        rows = [(when, digest) for digest, when in accessed.items()]
+        async with self._transaction() as db:
+            await db.executemany(
+                "UPDATE blobs SET last_access = max(last_access, ?) WHERE digest = ?", rows
+            )
+
+    async def least_recent(self, limit: int, before: float | None = None) -> list[BlobRow]:
+        """Eviction candidates, least recently used first (walks blobs_by_last_access)."""
+        sql = "SELECT digest, size, media_type FROM blobs"
+        params: tuple[object, ...] = (limit,)
+        if before is not None:
+            sql += " WHERE last_access < ?"
+            params = (before, limit)
+        async with self.db.execute(sql + " ORDER BY last_access LIMIT ?", params) as cursor:
+            rows = await cursor.fetchall()
+        return [BlobRow(r[0], r[1], r[2]) for r in rows]
+
+    async def explain_least_recent(self) -> str:
+        """The query plan of the eviction query, for tests that it uses the index."""
+        sql = (
+            "EXPLAIN QUERY PLAN SELECT digest, size, media_type FROM blobs"
+            " WHERE last_access < ? ORDER BY last_access LIMIT ?"
         )
+        async with self.db.execute(sql, (0, 1)) as cursor:
+            return " ".join(str(row[-1]) for row in await cursor.fetchall())
+
+    async def digests(self) -> set[str]:
+        async with self.db.execute("SELECT digest FROM blobs") as cursor:
+            return {row[0] for row in await cursor.fetchall()}
 
     async def tag_rows(self, upstream: str, repo: str, tag: str) -> list[TagRow]:
         async with self.db.execute(

@@ -3,23 +3,29 @@
 This is the one storage object the proxy uses. The write order is what makes a crash at
 any moment harmless: bytes go to tmp/, are verified and fsynced, are renamed into blobs/,
 and only then get an index row. A row therefore always has a complete file behind it; a
-file without a row (a crash between rename and insert) is adopted or removed at start-up.
+file without a row (a crash between rename and insert) is adopted at start-up by
+`cache.reconcile`, after its bytes are checked again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.blobstore import BlobStore, Fill
+from cache.blobstore import BlobStore
 from cache.digests import Digest
 from cache.errors import StoreClosed
-from cache.index import Index, TagRow
+from cache.fill import DISK_FULL, Fill
+from cache.index import BlobRow, Index, TagRow
+
+log = logging.getLogger("pullthrough.cache")
 
 
 @dataclass(slots=True)
@@ -31,7 +37,6 @@ class OpenBlob:
 
     fd: int
     size: int | None
-    media_type: str | None = None
     fill: Fill | None = None
 
     def close(self) -> None:
@@ -40,14 +45,28 @@ class OpenBlob:
             self.fd = -1
 
 
+@dataclass(frozen=True)
+class Budget:
+    max_size: int
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+
+
 class Cache:
     """Blob files, their index, and the in-flight fills, under `root`."""
 
-    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, budget: Budget, clock: Callable[[], float] = time.time) -> None:
         self.root = root
+        self.budget = budget
+        self.clock = clock
         self.files = BlobStore(root)
         self.index = Index(root / "index.db", clock)
+        self.used = 0  # bytes indexed
+        self.count = 0  # blobs indexed
+        self.disk_full_events = 0
+        self.over_budget = asyncio.Event()  # wakes the evictor
         self._fills: dict[Digest, Fill] = {}
+        self._accessed: dict[str, float] = {}
         self._state = "new"
 
     async def open(self) -> None:
@@ -55,6 +74,7 @@ class Cache:
             raise StoreClosed(f"cache is {self._state}")
         await asyncio.to_thread(self.files.prepare)
         await self.index.open()
+        self.used, self.count = await self.index.usage()
         self._state = "open"
 
     async def close(self) -> None:
@@ -63,6 +83,8 @@ class Cache:
         self._state = "closed"
         for fill in list(self._fills.values()):
             self.abandon_fill(fill, StoreClosed("cache closed during download"))
+        with contextlib.suppress(StoreClosed):
+            await self.flush_access()
         await self.index.close()
 
     # -- blobs ---------------------------------------------------------------------
@@ -77,37 +99,76 @@ class Cache:
         fill = self._fills.get(digest)
         if fill is not None and fill.error is None:
             # The fill's own fd is open until it is forgotten, so dup can't race a close.
-            return OpenBlob(os.dup(fill.fd), fill.size, fill=fill)
+            return OpenBlob(os.dup(fill.fd) if fill.fd >= 0 else -1, fill.size, fill=fill)
         opened = self.files.open(digest)
         if opened is None:
             return None
+        self.touch(digest)
         fd, size = opened
         return OpenBlob(fd, size)
+
+    def touch(self, digest: Digest | str) -> None:
+        """Note an access; written to the index in batches by `flush_access`."""
+        self._accessed[str(digest)] = self.clock()
+
+    async def flush_access(self) -> None:
+        if self._accessed:
+            accessed, self._accessed = self._accessed, {}
+            await self.index.touch(accessed)
 
     def begin_fill(self, digest: Digest) -> Fill:
         if self._state != "open":
             raise StoreClosed(f"cache is {self._state}")
         if digest in self._fills:
             raise RuntimeError(f"a fill of {digest} is already in progress")
-        fd, temp = self.files.new_temp(digest)
+        try:
+            fd, temp = self.files.new_temp(digest)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            fd, temp = -1, self.files.tmp / "none"
         fill = Fill(digest, fd, temp)
+        fill.on_passthrough = self._disk_full
         self._fills[digest] = fill
+        if fd < 0:
+            fill.go_passthrough()
         return fill
+
+    def reserved(self, besides: Fill | None = None) -> int:
+        """Bytes that fills in progress will add when they commit."""
+        return sum(f.size or 0 for f in self._fills.values() if f is not besides)
+
+    def _disk_full(self, fill: Fill) -> None:
+        """A fill turned pass-through: no new readers join it, and eviction starts."""
+        self.disk_full_events += 1
+        log.warning("not caching %s: no space left (disk full or budget spent)", fill.digest)
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+        with contextlib.suppress(FileNotFoundError):
+            fill.temp.unlink()  # readers keep their fds; the space comes back when they close
+        self.over_budget.set()
 
     @property
     def fills_in_progress(self) -> int:
         return len(self._fills)
 
-    async def commit_fill(self, fill: Fill, upstream: str, repo: str) -> None:
-        """Verify (raises DigestMismatch/SizeMismatch), then make the blob durable."""
+    async def commit_fill(self, fill: Fill, upstream: str, repo: str) -> bool:
+        """Verify (raises DigestMismatch/SizeMismatch), then make the blob durable.
+
+        Returns False when the fill was passed through without being cached.
+        """
         try:
             fill.verify()
+            if fill.passthrough:
+                self._forget(fill)
+                return False
             await asyncio.to_thread(self.files.commit, fill.fd, fill.temp, fill.digest)
-            await self.index.add_blob(str(fill.digest), fill.written, None, upstream, repo)
+            await self._indexed(str(fill.digest), fill.written, None, upstream, repo)
         except BaseException as exc:
             self.abandon_fill(fill, exc)
             raise
         self._forget(fill)
+        return True
 
     def abandon_fill(self, fill: Fill, error: BaseException) -> None:
         fill.fail(error)
@@ -120,14 +181,43 @@ class Cache:
             del self._fills[fill.digest]
         fill.close()
 
+    async def _indexed(
+        self, digest: str, size: int, media_type: str | None, upstream: str, repo: str
+    ) -> None:
+        if await self.index.add_blob(digest, size, media_type, upstream, repo):
+            self.used += size
+            self.count += 1
+            if self.used > self.budget.max_size * self.budget.high_watermark:
+                self.over_budget.set()
+
+    async def remove(self, rows: list[BlobRow]) -> None:
+        """Evict: files first, then rows. A crash in between leaves rows without files,
+        which lookups and reconciliation drop. Open readers keep their fds."""
+        await asyncio.to_thread(self._unlink_all, rows)
+        await self.index.remove_blobs([row.digest for row in rows])
+        for row in rows:
+            self._accessed.pop(row.digest, None)
+        self.used -= sum(row.size for row in rows)
+        self.count -= len(rows)
+
+    def _unlink_all(self, rows: list[BlobRow]) -> None:
+        for row in rows:
+            self.files.remove(Digest.parse(row.digest))
+
     # -- manifests -----------------------------------------------------------------
 
     async def put_manifest(
         self, digest: Digest, data: bytes, media_type: str, upstream: str, repo: str
     ) -> None:
         """Store verified manifest bytes exactly as upstream sent them."""
-        await asyncio.to_thread(self.files.write, digest, data)
-        await self.index.add_blob(str(digest), len(data), media_type, upstream, repo)
+        try:
+            await asyncio.to_thread(self.files.write, digest, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self.over_budget.set()
+            return  # served, just not cached
+        await self._indexed(str(digest), len(data), media_type, upstream, repo)
 
     async def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         row = await self.index.get_blob(str(digest))
@@ -136,11 +226,11 @@ class Cache:
         data = await asyncio.to_thread(self.files.read_bytes, digest)
         if data is None or len(data) != row.size:
             await self.index.remove_blob(str(digest))
+            self.used -= row.size
+            self.count -= 1
             return None
+        self.touch(digest)
         return data, row.media_type
-
-    async def link(self, upstream: str, repo: str, digest: Digest) -> None:
-        await self.index.link_repo(upstream, repo, str(digest))
 
     # -- tags ----------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from cache.store import Cache
+from cache.eviction import Evictor
+from cache.store import Budget, Cache
 from proxy import handlers
 from proxy.auth import TokenCache
 from proxy.blobs import BlobService
@@ -23,6 +24,7 @@ from proxy.keys import (
     BLOBS,
     CACHE,
     CONFIG,
+    EVICTOR,
     MANIFESTS,
     METRICS,
     PASSTHROUGH,
@@ -75,9 +77,14 @@ async def _api_version_header(request: web.Request, response: web.StreamResponse
 
 
 async def _cache(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
-    cache = Cache(app[CONFIG].cache.path, clock=clock)
+    settings = app[CONFIG].cache
+    budget = Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
+    cache = Cache(settings.path, budget, clock=clock)
     await cache.open()
     app[CACHE] = cache
+    metrics = app[METRICS]
+    metrics.watch_cache(cache)
+    app[EVICTOR] = Evictor(cache, settings.blob_ttl, clock, on_evict=metrics.evicted)
     yield
     await cache.close()
 
@@ -99,7 +106,8 @@ async def _services(app: web.Application, clock: Callable[[], float]) -> AsyncIt
     tasks = BackgroundTasks()
     app[TASKS] = tasks
     app[MANIFESTS] = ManifestService(app[CACHE], app[UPSTREAM], app[METRICS], clock)
-    app[BLOBS] = BlobService(app[CACHE], app[UPSTREAM], tasks, app[METRICS])
+    app[BLOBS] = BlobService(app[CACHE], app[EVICTOR], app[UPSTREAM], tasks, app[METRICS])
+    tasks.spawn(app[EVICTOR].run_forever(), name="evictor")
     app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
     yield
     await tasks.close()

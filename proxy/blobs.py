@@ -15,9 +15,10 @@ import logging
 
 import aiohttp
 
-from cache.blobstore import Fill
 from cache.digests import Digest
-from cache.errors import FillFailed
+from cache.errors import DigestMismatch, FillFailed, SizeMismatch
+from cache.eviction import Evictor
+from cache.fill import Fill
 from cache.store import Cache, OpenBlob
 from proxy.errors import BlobUnknown, RegistryError, UpstreamUnavailable
 from proxy.metrics import Metrics
@@ -32,9 +33,15 @@ UPSTREAM_CHUNK = 1 << 20  # 1 MiB reads are ~3x faster than 64 KiB ones (FACTS.m
 
 class BlobService:
     def __init__(
-        self, cache: Cache, client: UpstreamClient, tasks: BackgroundTasks, metrics: Metrics
+        self,
+        cache: Cache,
+        evictor: Evictor,
+        client: UpstreamClient,
+        tasks: BackgroundTasks,
+        metrics: Metrics,
     ) -> None:
         self.cache = cache
+        self.evictor = evictor
         self.client = client
         self.tasks = tasks
         self.metrics = metrics
@@ -84,11 +91,12 @@ class BlobService:
             )
             raise_for_status(upstream, response, _unknown(target, digest))
             async with response:
+                await self.evictor.make_room(fill, response.content_length or 0)
                 fill.start(response.content_length)
                 async for chunk in response.content.iter_chunked(UPSTREAM_CHUNK):
                     await fill.append(chunk)
             await self.cache.commit_fill(fill, upstream.name, target.repo)
-        except FillFailed as exc:
+        except (DigestMismatch, SizeMismatch) as exc:
             # Wrong bytes: nothing is committed, and readers see their bodies cut off.
             log.error("discarded %s from %s: %s", digest, upstream.name, exc)
             self.metrics.digest_mismatches.labels("blob", upstream.name).inc()
@@ -96,14 +104,17 @@ class BlobService:
         except asyncio.CancelledError:
             self.cache.abandon_fill(fill, UpstreamUnavailable("the mirror is shutting down"))
             raise
-        except RegistryError as exc:
+        except (RegistryError, FillFailed) as exc:
             self.cache.abandon_fill(fill, exc)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("download of %s from %s failed: %r", digest, upstream.name, exc)
             self.client.breaker(upstream).failure(unreachable=isinstance(exc, TimeoutError))
             self.cache.abandon_fill(
                 fill, UpstreamUnavailable(f"download from {upstream.name} failed")
             )
+        except OSError as exc:
+            log.error("cache write of %s failed: %s", digest, exc)
+            self.cache.abandon_fill(fill, RegistryError("the mirror could not store the blob"))
 
 
 def _unknown(target: Target, digest: Digest) -> BlobUnknown:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import ClientSession, web
 
+from cache.eviction import Evictor
 from cache.store import Cache
 from proxy.blobs import BlobService
 from proxy.config import Config
@@ -16,6 +17,7 @@ from proxy.upstream import UpstreamClient
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 CACHE = web.AppKey("cache", Cache)
+EVICTOR = web.AppKey("evictor", Evictor)
 SESSION = web.AppKey("session", ClientSession)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 TASKS = web.AppKey("tasks", BackgroundTasks)

@@ -6,8 +6,8 @@ import logging
 
 from aiohttp import web
 
-from cache.blobstore import read_range
 from cache.errors import FillFailed
+from cache.fill import read_range
 from cache.store import OpenBlob
 from proxy.ranges import parse_range
 

@@ -1,0 +1,104 @@
+"""Eviction: least-recently-used under a size budget, plus a time-to-live.
+
+    trigger                                        what goes
+    usage above high_watermark * max_size          least recent first, down to low_watermark
+    a download that would not fit in max_size      least recent first, until it fits
+    not accessed for blob_ttl                      everything that old, whatever the size
+
+Victims come from `blobs_by_last_access` in small batches, so choosing them stays cheap
+with millions of rows. Fills in progress are not in the index and can't be chosen; a
+client still reading an evicted file keeps its fd and finishes normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from cache.fill import Fill
+from cache.index import BlobRow
+from cache.store import Cache
+
+log = logging.getLogger("pullthrough.eviction")
+
+BATCH = 500
+EvictionHook = Callable[[str, int, int], None]  # (reason, blobs, bytes)
+
+
+class Evictor:
+    def __init__(
+        self,
+        cache: Cache,
+        blob_ttl: float,
+        clock: Callable[[], float] = time.time,
+        on_evict: EvictionHook | None = None,
+    ) -> None:
+        self.cache = cache
+        self.blob_ttl = blob_ttl
+        self.clock = clock
+        self.on_evict = on_evict
+
+    async def run_once(self) -> dict[str, int]:
+        """One pass: TTL first, then size. Returns blobs evicted by reason."""
+        await self.cache.flush_access()
+        removed = {"ttl": await self._expire(), "size": 0}
+        budget = self.cache.budget
+        if self.cache.used > budget.max_size * budget.high_watermark:
+            removed["size"] = await self._shrink_to(int(budget.max_size * budget.low_watermark))
+        return removed
+
+    async def make_room(self, fill: Fill, size: int) -> None:
+        """Before a download: evict so it fits, or pass it through uncached if it can't."""
+        max_size = self.cache.budget.max_size
+        reserved = self.cache.reserved(besides=fill)
+        if self.cache.used + reserved + size <= max_size:
+            return
+        await self.cache.flush_access()
+        await self._shrink_to(max_size - reserved - size)
+        if self.cache.used + reserved + size > max_size:
+            fill.go_passthrough()
+
+    async def run_forever(self, interval: float = 60.0) -> None:
+        """The app's background task: a pass every `interval`, or when the cache asks."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.cache.over_budget.wait(), interval)
+            self.cache.over_budget.clear()
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("eviction pass failed; retrying in %ss", interval)
+
+    async def _expire(self) -> int:
+        cutoff = self.clock() - self.blob_ttl
+        total = 0
+        while rows := await self.cache.index.least_recent(BATCH, before=cutoff):
+            await self._evict(rows, "ttl")
+            total += len(rows)
+        return total
+
+    async def _shrink_to(self, target: int) -> int:
+        total = 0
+        while self.cache.used > target:
+            rows = await self.cache.index.least_recent(BATCH)
+            if not rows:
+                break
+            victims, freed = [], 0
+            for row in rows:
+                if self.cache.used - freed <= target:
+                    break
+                victims.append(row)
+                freed += row.size
+            await self._evict(victims, "size")
+            total += len(victims)
+        return total
+
+    async def _evict(self, rows: list[BlobRow], reason: str) -> None:
+        await self.cache.remove(rows)
+        size = sum(row.size for row in rows)
+        log.info("evicted %d blobs (%d bytes) by %s", len(rows), size, reason)
+        if self.on_evict is not None:
+            self.on_evict(reason, len(rows), size)

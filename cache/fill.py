@@ -1,0 +1,227 @@
+"""A blob being downloaded into the store, readable by many clients while it grows.
+
+The writer (the app's download task) calls `start`, `append`, then `verify` or `fail`.
+Readers stream with `read_range` from their own dup of the temp file's fd; a reader at the
+front takes the chunk just written from memory instead of the file.
+
+Two rules keep clients safe:
+- the last byte of every response is held back until the whole blob has verified, so a
+  corrupt download ends in a cut-off body, never a complete-looking wrong one;
+- when the disk fills up (ENOSPC, or no room in the budget), the fill turns pass-through:
+  what is on disk stays readable through the fds, later chunks are kept in memory until
+  every reader has taken them (the download waits for the slowest), and nothing is
+  committed. Clients still get the full, verified response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from cache.digests import Digest
+from cache.errors import DigestMismatch, FillFailed, SizeMismatch
+
+READ_CHUNK = 1 << 20
+PASSTHROUGH_BUFFER = 32 << 20  # bytes held for slow readers before the download waits
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class Fill:
+    def __init__(self, digest: Digest, fd: int, temp: Path) -> None:
+        self.digest = digest
+        self.temp = temp
+        self.fd = fd
+        self.size: int | None = None
+        self.written = 0
+        self.on_disk = 0  # bytes [0, on_disk) are in the temp file
+        self.verified = False
+        self.error: BaseException | None = None
+        self.passthrough = False
+        self.on_passthrough: Callable[[Fill], None] | None = None
+        self._hasher: Any = digest.hasher()
+        self._chunks: deque[tuple[int, bytes]] = deque(maxlen=1)  # (offset, bytes) in memory
+        self._cursors: dict[int, int] = {}
+        self._ids = itertools.count()
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[None] = loop.create_future()
+        self._changed: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def done(self) -> bool:
+        return self.verified or self.error is not None
+
+    # -- writer --------------------------------------------------------------------
+
+    def start(self, size: int | None) -> None:
+        """Upstream answered; `size` is its Content-Length (None when it sent none)."""
+        self.size = size
+        if not self._started.done():
+            self._started.set_result(None)
+        self._notify()
+
+    async def append(self, chunk: bytes) -> None:
+        if self.size is not None and self.written + len(chunk) > self.size:
+            raise SizeMismatch(self.size, self.written + len(chunk))
+        loop = asyncio.get_running_loop()
+        if not self.passthrough:
+            try:
+                # Hashing and writing release the GIL: a worker thread keeps the loop free.
+                await loop.run_in_executor(None, self._write, chunk)
+                self.on_disk += len(chunk)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL:
+                    raise
+                self.go_passthrough()
+        if self.passthrough:
+            await loop.run_in_executor(None, self._hasher.update, chunk)
+        self._chunks.append((self.written, chunk))
+        self.written += len(chunk)
+        self._notify()
+        if self.passthrough:
+            await self._wait_for_readers()
+
+    def _write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self._hasher.update(chunk)
+
+    def go_passthrough(self) -> None:
+        """Stop writing to disk; serve the readers already here from memory."""
+        if self.passthrough:
+            return
+        self.passthrough = True
+        self._chunks = deque(self._chunks)  # unbounded now; trimmed as readers advance
+        if self.on_passthrough is not None:
+            self.on_passthrough(self)
+
+    async def _wait_for_readers(self) -> None:
+        while self._cursors and self.written - min(self._cursors.values()) > PASSTHROUGH_BUFFER:
+            await self.wait_change()
+        if not self._cursors:
+            raise FillFailed("disk full and no client left to pass the download through to")
+
+    def verify(self) -> None:
+        """All bytes are in: check size and digest, and release the held-back bytes."""
+        if self.size is not None and self.written != self.size:
+            raise SizeMismatch(self.size, self.written)
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hex:
+            raise DigestMismatch(str(self.digest), f"{self.digest.algorithm}:{actual}")
+        self.size = self.written
+        self.verified = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        if self.verified:
+            return
+        self.error = error
+        if not self._started.done():
+            self._started.set_exception(error)
+            self._started.exception()  # nobody may be waiting: mark it retrieved
+        self._chunks.clear()
+        self._notify()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- readers -------------------------------------------------------------------
+
+    async def wait_started(self) -> None:
+        await asyncio.shield(self._started)
+
+    async def wait_verified(self) -> None:
+        while not self.done:
+            await self.wait_change()
+        if self.error is not None:
+            raise self.error
+
+    async def wait_change(self) -> None:
+        await asyncio.shield(self._changed)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        changed.set_result(None)
+
+    def attach(self, pos: int) -> int:
+        reader = next(self._ids)
+        self._cursors[reader] = pos
+        return reader
+
+    def advance(self, reader: int, pos: int) -> None:
+        self._cursors[reader] = pos
+        if self.passthrough:
+            low = min(self._cursors.values())
+            while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= low:
+                self._chunks.popleft()
+            self._notify()
+
+    def detach(self, reader: int) -> None:
+        self._cursors.pop(reader, None)
+        self._notify()
+
+    def in_memory(self, pos: int, n: int) -> bytes | None:
+        """The bytes at `pos` if a chunk in memory holds them: saves a read syscall."""
+        for offset, chunk in self._chunks:
+            if offset <= pos < offset + len(chunk):
+                start = pos - offset
+                return chunk[start : start + n]
+        return None
+
+
+async def read_range(
+    fd: int, start: int, stop: int, fill: Fill | None = None
+) -> AsyncIterator[bytes]:
+    """Yield bytes [start, stop) of an open blob file, following `fill` while it grows."""
+    if fill is None:
+        async for data in _read_file(fd, start, stop):
+            yield data
+        return
+    reader = fill.attach(start)
+    try:
+        async for data in _follow(fd, start, stop, fill, reader):
+            yield data
+    finally:
+        fill.detach(reader)
+
+
+async def _read_file(fd: int, start: int, stop: int) -> AsyncIterator[bytes]:
+    pos = start
+    while pos < stop:
+        # Page-cached reads are fast enough to stay on the loop (FACTS.md: blocking 1 MiB
+        # reads match nginx's sendfile); a thread hop per MiB costs more.
+        data = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
+        if not data:
+            raise FillFailed(f"blob file ended at {pos} of {stop} bytes")
+        pos += len(data)
+        yield data
+
+
+async def _follow(fd: int, start: int, stop: int, fill: Fill, reader: int) -> AsyncIterator[bytes]:
+    pos = start
+    while pos < stop:
+        limit = stop
+        if not fill.verified:
+            if fill.error is not None:
+                raise FillFailed(f"download of {fill.digest} failed: {fill.error}")
+            limit = min(stop - 1, fill.written)  # hold back the last byte (see module doc)
+            if pos >= limit:
+                await fill.wait_change()
+                continue
+        n = min(READ_CHUNK, limit - pos)
+        data = fill.in_memory(pos, n)
+        if data is None and pos < fill.on_disk:
+            data = os.pread(fd, min(n, fill.on_disk - pos), pos)
+        if not data:
+            raise FillFailed(f"lost bytes at {pos} of {fill.digest}")
+        pos += len(data)
+        fill.advance(reader, pos)
+        yield data
