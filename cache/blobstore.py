@@ -35,10 +35,10 @@ class BlobStore:
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
 
-    def prepare(self) -> None:
+    def prepare(self, clear_debris: bool = True) -> None:
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        for debris in self.tmp.iterdir():
+        for debris in self.tmp.iterdir() if clear_debris else ():
             with contextlib.suppress(FileNotFoundError):
                 debris.unlink()
 

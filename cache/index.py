@@ -149,6 +149,19 @@ class Index:
             )
         return added
 
+    async def adopt(self, digest: str, size: int) -> None:
+        """Index a verified file found without a row (its repository is not known)."""
+        now = self.clock()
+        await self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
+                    " VALUES (?, ?, NULL, ?, ?)",
+                    (digest, size, now, now),
+                )
+            ]
+        )
+
     async def link_repo(self, upstream: str, repo: str, digest: str) -> None:
         await self._write(
             [

@@ -69,10 +69,12 @@ class Cache:
         self._accessed: dict[str, float] = {}
         self._state = "new"
 
-    async def open(self) -> None:
+    async def open(self, clear_debris: bool = True) -> None:
+        """Open the index. `clear_debris` deletes tmp/ leftovers: only the server may, at
+        start-up, since a running server's downloads live there."""
         if self._state != "new":
             raise StoreClosed(f"cache is {self._state}")
-        await asyncio.to_thread(self.files.prepare)
+        await asyncio.to_thread(self.files.prepare, clear_debris)
         await self.index.open()
         self.used, self.count = await self.index.usage()
         self._state = "open"

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from cache.eviction import Evictor
+from cache.integrity import reconcile
 from cache.store import Budget, Cache
 from proxy import handlers
 from proxy.auth import TokenCache
@@ -107,6 +108,7 @@ async def _services(app: web.Application, clock: Callable[[], float]) -> AsyncIt
     app[TASKS] = tasks
     app[MANIFESTS] = ManifestService(app[CACHE], app[UPSTREAM], app[METRICS], clock)
     app[BLOBS] = BlobService(app[CACHE], app[EVICTOR], app[UPSTREAM], tasks, app[METRICS])
+    tasks.spawn(reconcile(app[CACHE]), name="reconcile")
     tasks.spawn(app[EVICTOR].run_forever(), name="evictor")
     app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
     yield
