@@ -1,0 +1,90 @@
+"""A full disk or a spent budget never costs a client its download."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_upstream.server import FakeUpstream, Fault
+from tests.mirror import MakeMirror, Mirror
+
+REPO = "library/app"
+
+
+async def fetch(mirror: Mirror, path: str) -> bytes:
+    async with mirror.get(path) as response:
+        assert response.status == 200
+        return await response.read()
+
+
+async def metric(mirror: Mirror, name: str) -> float:
+    async with mirror.get("/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: writes past it fail with ENOSPC, as on a full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)], check=True)
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+async def test_blob_larger_than_the_budget_is_passed_through(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    digest = fake_upstream.add_blob(REPO, data)
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
+        cache={"max_size": "1MiB"},
+    )
+    assert await fetch(mirror, f"/v2/app/blobs/{digest}") == data
+    await asyncio.sleep(0.05)
+    assert digest not in mirror.stored_blobs()
+    assert mirror.temp_files() == []
+    assert await metric(mirror, "pullthrough_disk_full_events") == 1
+
+
+async def test_enospc_mid_download_still_serves_every_client_in_full(
+    small_disk: Path, fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    data = os.urandom(8 * 1024 * 1024)  # twice the disk
+    digest = fake_upstream.add_blob(REPO, data)
+    gate = fake_upstream.set_fault(digest, Fault(gate_after=1024 * 1024))
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
+        cache={"path": str(small_disk / "cache")},
+    )
+    path = f"/v2/app/blobs/{digest}"
+    clients = [asyncio.create_task(fetch(mirror, path)) for _ in range(3)]
+    await asyncio.wait_for(gate.gate_reached.wait(), 5)
+    await asyncio.sleep(0.1)  # let all three join the one download
+    gate.gate.set()
+
+    assert await asyncio.gather(*clients) == [data] * 3
+    assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{digest}") == 1
+    await asyncio.sleep(0.05)
+    assert digest not in mirror.stored_blobs()
+    assert mirror.temp_files() == []
+    assert await metric(mirror, "pullthrough_disk_full_events") == 1
+
+    # The space came back: a small blob is cached as usual afterwards.
+    small = os.urandom(100_000)
+    small_digest = fake_upstream.add_blob(REPO, small)
+    assert await fetch(mirror, f"/v2/app/blobs/{small_digest}") == small
+    async with asyncio.timeout(5):
+        while small_digest not in mirror.stored_blobs():  # noqa: ASYNC110 - disk poll
+            await asyncio.sleep(0.01)
