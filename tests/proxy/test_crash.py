@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.fake_upstream.server import Fault, FakeUpstream
+from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.upstream.registry import free_port
 
 REPO = "library/app"
@@ -106,7 +106,11 @@ async def test_sigkill_during_concurrent_fills_restarts_clean(
     assert mirror.temp_files, "fills should be in progress at the kill"
     await mirror.kill()
     results = await asyncio.gather(*clients, return_exceptions=True)
-    assert all(isinstance(r, aiohttp.ClientError) for r in results), results
+    wanted = [contents[d] for d in digests[2:] for _ in range(2)]
+    for result, expected in zip(results, wanted, strict=True):
+        # Finished before the kill, or cut off by it: never a short or wrong body.
+        assert result == expected or isinstance(result, aiohttp.ClientError)
+    assert any(isinstance(r, aiohttp.ClientError) for r in results)
 
     fake_upstream.clear_faults()
     restarted = mirror_process()
