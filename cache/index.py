@@ -7,6 +7,7 @@ mode, with short `BEGIN IMMEDIATE` transactions. The schema is one string, migra
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -73,6 +74,10 @@ class Index:
         self.clock = clock
         self._db: aiosqlite.Connection | None = None
         self._closed = False
+        # One connection serves every coroutine: without this lock, two transactions would
+        # interleave on it ("cannot start a transaction within a transaction", or worse,
+        # one coroutine's statements landing in another's transaction).
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         if self._closed:
@@ -111,14 +116,15 @@ class Index:
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        db = self.db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        await db.execute("COMMIT")
+        async with self._write_lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
 
     async def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
         async with self._transaction() as db:

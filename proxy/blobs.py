@@ -112,8 +112,9 @@ class BlobService:
             self.cache.abandon_fill(
                 fill, UpstreamUnavailable(f"download from {upstream.name} failed")
             )
-        except OSError as exc:
-            log.error("cache write of %s failed: %s", digest, exc)
+        except Exception:
+            # Whatever went wrong, the readers must be released, not left waiting.
+            log.exception("storing %s failed", digest)
             self.cache.abandon_fill(fill, RegistryError("the mirror could not store the blob"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,17 @@ class Mirror:
         """Digests of every committed file in the store."""
         root = self.cache_dir / "blobs"
         return {f"{p.parent.parent.name}:{p.name}" for p in root.glob("*/*/*") if p.is_file()}
+
+    async def wait_committed(self, *digests: str) -> None:
+        """Blobs are committed just after their last byte is sent: wait until they are
+        renamed into the store and indexed."""
+        from proxy.keys import CACHE
+
+        index = self.app[CACHE].index
+        async with asyncio.timeout(5):
+            for digest in digests:
+                while await index.get_blob(digest) is None:  # noqa: ASYNC110 - polling SQLite
+                    await asyncio.sleep(0.01)
 
     def temp_files(self) -> list[Path]:
         return list((self.cache_dir / "tmp").iterdir())

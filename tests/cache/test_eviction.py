@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator
@@ -147,3 +148,21 @@ async def test_choosing_victims_uses_the_index_with_a_million_blobs(tmp_path: Pa
     oldest = db.execute("SELECT digest FROM blobs ORDER BY last_access, digest LIMIT 500")
     assert {v.digest for v in victims} == {row[0] for row in oldest}
     db.close()
+
+
+async def test_concurrent_index_writes_do_not_interleave(cache: Cache) -> None:
+    # Many coroutines writing at once share one connection; each transaction must be whole.
+    blobs = [random_blob(100) for _ in range(50)]
+    digests = await asyncio.gather(*(store_blob(cache, b) for b in blobs))
+    await asyncio.gather(
+        *(
+            cache.set_tag("docker.io", "library/app", f"t{n}", "x/y", d)
+            for n, d in enumerate(digests)
+        )
+    )
+    assert len(await cache.index.digests()) == 50
+    assert cache.used == 5000
+    rows = await asyncio.gather(
+        *(cache.tag_answers("docker.io", "library/app", f"t{n}") for n in range(50))
+    )
+    assert [r[0].digest for r in rows] == [str(d) for d in digests]

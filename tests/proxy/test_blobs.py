@@ -221,7 +221,4 @@ async def test_client_disconnect_does_not_cancel_the_fill(
 
 
 async def wait_stored(mirror: Mirror, digest: str) -> None:
-    """Commits happen just after the last byte is sent; wait for the file to land."""
-    async with asyncio.timeout(5):
-        while digest not in mirror.stored_blobs():  # noqa: ASYNC110 - polling the disk
-            await asyncio.sleep(0.01)
+    await mirror.wait_committed(digest)
