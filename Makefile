@@ -19,10 +19,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install pullthrough with its test tools
 
-system-deps: ## install Debian's docker-registry and skopeo when they are missing
-	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null; then \
+# The real upstream (docker-registry) and the real clients the end-to-end tests run:
+# skopeo, containerd (ctr), podman and dockerd. Each is installed only when missing.
+SYSTEM_COMMANDS := docker-registry skopeo containerd ctr podman dockerd
+SYSTEM_PACKAGES := docker-registry skopeo containerd podman docker.io
+
+system-deps: ## install Debian's docker-registry and the real clients when missing
+	@missing=0; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-registry skopeo; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES); \
 	fi
 
 run: $(STAMP) ## serve mirror.yaml on 0.0.0.0:5000 with the cache in ./data
