@@ -42,6 +42,11 @@ class BlobStore:
             with contextlib.suppress(FileNotFoundError):
                 debris.unlink()
 
+    def probe_writable(self) -> None:
+        probe = self.tmp / f"ready.{secrets.token_hex(4)}.probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+
     def path_for(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -118,13 +119,16 @@ class Index:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
             db = self.db
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                # Also when cancelled while BEGIN was queued: aiosqlite runs statements in
+                # order, so this ROLLBACK lands after it and no transaction stays open.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    await asyncio.shield(db.execute("ROLLBACK"))
                 raise
-            await db.execute("COMMIT")
 
     async def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
         async with self._transaction() as db:

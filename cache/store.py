@@ -38,6 +38,7 @@ class OpenBlob:
     fd: int
     size: int | None
     fill: Fill | None = None
+    result: str = "hit"  # hit (a stored file), coalesced (joined a fill) or miss (began it)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -63,7 +64,7 @@ class Cache:
         self.index = Index(root / "index.db", clock)
         self.used = 0  # bytes indexed
         self.count = 0  # blobs indexed
-        self.disk_full_events = 0
+        self.on_disk_full: Callable[[], object] | None = None
         self.over_budget = asyncio.Event()  # wakes the evictor
         self._fills: dict[Digest, Fill] = {}
         self._accessed: dict[str, float] = {}
@@ -89,6 +90,17 @@ class Cache:
             await self.flush_access()
         await self.index.close()
 
+    async def readiness_problem(self) -> str | None:
+        """Why the cache can't serve now, or None: the index answers, tmp/ takes writes."""
+        if self._state != "open":
+            return f"cache is {self._state}"
+        try:
+            await self.index.usage()
+            await asyncio.to_thread(self.files.probe_writable)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     # -- blobs ---------------------------------------------------------------------
 
     def open_blob(self, digest: Digest) -> OpenBlob | None:
@@ -101,7 +113,8 @@ class Cache:
         fill = self._fills.get(digest)
         if fill is not None and fill.error is None:
             # The fill's own fd is open until it is forgotten, so dup can't race a close.
-            return OpenBlob(os.dup(fill.fd) if fill.fd >= 0 else -1, fill.size, fill=fill)
+            fd = os.dup(fill.fd) if fill.fd >= 0 else -1
+            return OpenBlob(fd, fill.size, fill=fill, result="coalesced")
         opened = self.files.open(digest)
         if opened is None:
             return None
@@ -142,7 +155,8 @@ class Cache:
 
     def _disk_full(self, fill: Fill) -> None:
         """A fill turned pass-through: no new readers join it, and eviction starts."""
-        self.disk_full_events += 1
+        if self.on_disk_full is not None:
+            self.on_disk_full()
         log.warning("not caching %s: no space left (disk full or budget spent)", fill.digest)
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]

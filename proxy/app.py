@@ -35,6 +35,7 @@ from proxy.keys import (
 )
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
+from proxy.observe import add_request_id, observe_middleware
 from proxy.passthrough import Passthrough
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
@@ -44,10 +45,14 @@ NAME = r"{name:[^{}]+?}"
 
 def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
     """The mirror for `config`. `clock` decides every TTL, so tests can move time."""
-    app = web.Application(middlewares=[error_middleware])
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[observe_middleware(metrics, config.log.format == "json"), error_middleware]
+    )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app.on_response_prepare.append(_api_version_header)
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(lambda app: _cache(app, clock))
     app.cleanup_ctx.append(lambda app: _upstream(app, clock))
     app.cleanup_ctx.append(lambda app: _services(app, clock))
@@ -58,6 +63,8 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
 def _add_routes(app: web.Application) -> None:
     read = ("GET", "HEAD")
     app.router.add_route("GET", "/metrics", handlers.metrics)
+    app.router.add_route("GET", "/healthz", handlers.healthz)
+    app.router.add_route("GET", "/readyz", handlers.readyz)
     app.router.add_route("GET", "/v2/", handlers.ping)
     app.router.add_route("GET", "/v2/_catalog", handlers.catalog)
     app.router.add_route("*", f"/v2/{NAME}/blobs/uploads/{{rest:.*}}", handlers.unsupported)
@@ -98,7 +105,10 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
         connector=aiohttp.TCPConnector(limit=200, limit_per_host=64),
     )
     app[SESSION] = session
-    app[UPSTREAM] = UpstreamClient(session, app[METRICS], TokenCache(), clock=clock)
+    client = UpstreamClient(session, app[METRICS], TokenCache(), clock=clock)
+    for upstream in app[CONFIG].upstreams:
+        client.breaker(upstream)  # so every upstream's state is exported from the start
+    app[UPSTREAM] = client
     yield
     await session.close()
 

@@ -24,7 +24,7 @@ from proxy.errors import BlobUnknown, RegistryError, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.routing import Target
 from proxy.tasks import BackgroundTasks
-from proxy.upstream import UpstreamClient, raise_for_status
+from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("pullthrough.blobs")
 
@@ -54,6 +54,7 @@ class BlobService:
             self.tasks.spawn(self._download(target, fill), name=f"fill {digest}")
             blob = self.cache.open_blob(digest)
             assert blob is not None and blob.fill is fill
+            blob.result = "miss"
         if blob.fill is None:
             return blob
         try:
@@ -67,21 +68,22 @@ class BlobService:
         blob.size = blob.fill.size
         return blob
 
-    async def size(self, target: Target, digest: Digest) -> int:
-        """The blob's size for HEAD: from the cache, else from an upstream HEAD."""
+    async def size(self, target: Target, digest: Digest) -> tuple[int, str]:
+        """The blob's size for HEAD, and the cache's result: from the cache if it can,
+        else from an upstream HEAD."""
         blob = self.cache.open_blob(digest)
         if blob is not None:
             blob.close()
             if blob.size is not None:
-                return blob.size
+                return blob.size, blob.result
         response = await self.client.request(
             target.upstream, "HEAD", f"/v2/{target.repo}/blobs/{digest}", repo=target.repo
         )
         response.release()
-        raise_for_status(target.upstream, response, _unknown(target, digest))
+        self.client.check(target.upstream, response, _unknown(target, digest))
         if response.content_length is None:
             raise UpstreamUnavailable(f"upstream {target.upstream.name} sent no blob size")
-        return response.content_length
+        return response.content_length, "miss"
 
     async def _download(self, target: Target, fill: Fill) -> None:
         digest, upstream = fill.digest, target.upstream
@@ -89,11 +91,13 @@ class BlobService:
             response = await self.client.request(
                 upstream, "GET", f"/v2/{target.repo}/blobs/{digest}", repo=target.repo
             )
-            raise_for_status(upstream, response, _unknown(target, digest))
+            self.client.check(upstream, response, _unknown(target, digest))
             async with response:
                 await self.evictor.make_room(fill, response.content_length or 0)
                 fill.start(response.content_length)
+                fetched = self.metrics.upstream_bytes.labels(upstream.name)
                 async for chunk in response.content.iter_chunked(UPSTREAM_CHUNK):
+                    fetched.inc(len(chunk))
                     await fill.append(chunk)
             await self.cache.commit_fill(fill, upstream.name, target.repo)
         except (DigestMismatch, SizeMismatch) as exc:

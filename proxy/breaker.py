@@ -2,9 +2,9 @@
 per layer.
 
     closed ──(connect failure, or `threshold` 5xx/timeouts in a row)──▶ open
-    open ──(interval elapsed; the next request is let through as the probe)──▶ half-open
-    half-open ──(probe succeeds)──▶ closed        interval back to `min_open`
-    half-open ──(probe fails)──▶ open             interval doubled, up to `max_open`
+    open ──(interval elapsed; the next request is let through as the probe)──▶ half_open
+    half_open ──(probe succeeds)──▶ closed        interval back to `min_open`
+    half_open ──(probe fails)──▶ open             interval doubled, up to `max_open`
 
 While open, requests fail at once with `UpstreamUnavailable`, so callers go straight to
 stale content or a 503.
@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.errors import UpstreamUnavailable
+
+STATES = ("closed", "open", "half_open")
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,9 @@ class CircuitBreaker:
         if self.state == "closed":
             return
         if self.state == "open" and self.clock() - self.opened_at >= self.interval:
-            self.state = "half-open"
+            self.state = "half_open"
             self._probing = False
-        if self.state == "half-open" and not self._probing:
+        if self.state == "half_open" and not self._probing:
             self._probing = True  # this request is the one probe
             return
         remaining = max(0.0, self.opened_at + self.interval - self.clock())
@@ -67,7 +69,7 @@ class CircuitBreaker:
     def failure(self, *, unreachable: bool = False) -> None:
         """Record a failure. `unreachable` (refused, connect timeout) opens at once."""
         self.failures += 1
-        if self.state == "half-open":
+        if self.state == "half_open":
             self.interval = min(self.interval * 2, self.settings.max_open)
             self._open()
         elif self.state == "closed" and (unreachable or self.failures >= self.settings.threshold):

@@ -117,6 +117,12 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    format: str = field(default="text", metadata=_help("access and app logs: text or json"))
+    level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
+
+
+@dataclass(frozen=True)
 class Config:
     upstreams: tuple[UpstreamConfig, ...]
     version: int = field(default=1, metadata=_help("config format version; only 1 exists"))
@@ -125,6 +131,10 @@ class Config:
     )
     listen_port: int = field(default=5000, metadata=_help("listen port (listen: host:port)"))
     cache: CacheConfig = field(default_factory=CacheConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    shutdown_grace: float = field(
+        default=30.0, metadata=_help("on SIGTERM, time in-flight responses get to finish")
+    )
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -172,7 +182,16 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
-    _reject_unknown(raw, {"version", "listen", "cache", "upstreams", "upstream_defaults"}, "")
+    known = {
+        "version",
+        "listen",
+        "cache",
+        "upstreams",
+        "upstream_defaults",
+        "log",
+        "shutdown_grace",
+    }
+    _reject_unknown(raw, known, "")
     version = raw.get("version", 1)
     if version != 1:
         raise ConfigError("version", "must be 1")
@@ -184,7 +203,22 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         listen_port=port,
         cache=_parse_cache(raw.get("cache", {})),
         upstreams=upstreams,
+        log=_parse_log(raw.get("log", {})),
+        shutdown_grace=parse_duration(raw.get("shutdown_grace", 30), "shutdown_grace"),
     )
+
+
+def _parse_log(raw: Any) -> LogConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("log", "must be a mapping")
+    _reject_unknown(raw, {f.name for f in fields(LogConfig)}, "log")
+    form = raw.get("format", "text")
+    if form not in ("text", "json"):
+        raise ConfigError("log.format", "must be text or json")
+    level = str(raw.get("level", "INFO")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log.level", "must be DEBUG, INFO, WARNING or ERROR")
+    return LogConfig(format=form, level=level)
 
 
 def _reject_unknown(raw: Mapping[str, Any], known: set[str], path: str) -> None:

@@ -15,6 +15,7 @@
     ├── ManifestTooLarge               502 MANIFEST_INVALID
     ├── UpstreamFailed                 (upstream gave no answer: a cached one may stand in)
     │   ├── UpstreamUnavailable        503 UNAVAILABLE
+    │   │   └── UpstreamServerError    503 UNAVAILABLE (upstream answered 5xx)
     │   ├── UpstreamRateLimited        429 TOOMANYREQUESTS
     │   └── UpstreamBadResponse        502 UNKNOWN
 
@@ -112,6 +113,10 @@ class UpstreamUnavailable(UpstreamFailed):
     pass
 
 
+class UpstreamServerError(UpstreamUnavailable):
+    pass
+
+
 class UpstreamRateLimited(UpstreamFailed):
     status, code, default_message = 429, "TOOMANYREQUESTS", "upstream registry rate limit reached"
 
@@ -154,6 +159,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(_from_http_exception(exc))
+    except ConnectionResetError:
+        raise  # the client went away mid-response: nothing to answer, nothing to log
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.rel_url.path)
         return error_response(RegistryError())

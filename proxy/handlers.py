@@ -10,6 +10,7 @@ from proxy.errors import NameInvalid, Unsupported
 from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, METRICS, PASSTHROUGH
 from proxy.manifests import Accept
 from proxy.metrics import metrics_response
+from proxy.observe import note_lookup
 from proxy.references import parse_digest, parse_reference
 from proxy.responses import send_blob
 from proxy.routing import Target, client_name, resolve
@@ -33,6 +34,19 @@ async def metrics(request: web.Request) -> web.Response:
     return metrics_response(request.app[METRICS])
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """The index answers and the cache directory takes writes."""
+    problem = await request.app[CACHE].readiness_problem()
+    if problem:
+        return web.json_response({"status": "not ready", "reason": problem}, status=503)
+    return web.json_response({"status": "ready"})
+
+
 async def ping(request: web.Request) -> web.Response:
     return web.json_response({})
 
@@ -42,6 +56,7 @@ async def manifest(request: web.Request) -> web.Response:
     reference = parse_reference(request.match_info["reference"])
     accept = Accept(request.headers.getall("Accept", []))
     found = await request.app[MANIFESTS].get(target, reference, accept)
+    note_lookup(request, "manifest", target.upstream.name, found.result)
     headers = _headers(target) | {
         "Docker-Content-Digest": str(found.digest),
         "ETag": f'"{found.digest}"',
@@ -56,12 +71,15 @@ async def blob(request: web.Request) -> web.StreamResponse:
     blobs = request.app[BLOBS]
     headers = _headers(target) | {"Docker-Content-Digest": str(digest)}
     if request.method == "HEAD":
+        size, result = await blobs.size(target, digest)
+        note_lookup(request, "blob", target.upstream.name, result)
         response = web.StreamResponse(headers=headers | {"Accept-Ranges": "bytes"})
         response.content_type = "application/octet-stream"
-        response.content_length = await blobs.size(target, digest)
+        response.content_length = size
         await response.prepare(request)
         return response
     opened = await blobs.open(target, digest)
+    note_lookup(request, "blob", target.upstream.name, opened.result)
     try:
         return await send_blob(request, opened, headers)
     finally:

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
@@ -35,7 +35,7 @@ from proxy.errors import (
 )
 from proxy.metrics import Metrics
 from proxy.routing import Target
-from proxy.upstream import UpstreamClient, raise_for_status
+from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("pullthrough.manifests")
 
@@ -55,6 +55,7 @@ class Manifest:
     data: bytes
     media_type: str
     digest: Digest
+    result: str = "miss"  # how the cache answered: hit, miss or stale
 
 
 class Accept:
@@ -94,7 +95,7 @@ class ManifestService:
     async def _by_digest(self, target: Target, digest: Digest, accept: Accept) -> Manifest:
         cached = await self.cache.get_manifest(digest)
         if cached is not None:
-            return Manifest(cached[0], cached[1], digest)
+            return Manifest(cached[0], cached[1], digest, "hit")
         manifest = await self._fetch(target, str(digest), accept)
         if manifest.digest != digest:
             self.metrics.digest_mismatches.labels("manifest", target.upstream.name).inc()
@@ -113,19 +114,18 @@ class ManifestService:
         cached = await self.cache.get_manifest(Digest.parse(known.digest))
         if cached is None:
             return await self._fetch_tag(target, tag, accept)
-        stale = Manifest(cached[0], cached[1], Digest.parse(known.digest))
+        hit = Manifest(cached[0], cached[1], Digest.parse(known.digest), "hit")
         if self.clock() - known.checked < target.upstream.manifest_ttl:
-            return stale
+            return hit
         try:
             current = await self._head(target, tag, accept)
-            if current == stale.digest:
-                await self._remember(target, tag, stale)
-                return stale
+            if current == hit.digest:
+                await self._remember(target, tag, hit)
+                return hit
             return await self._fetch_tag(target, tag, accept)
         except UpstreamFailed as exc:
             log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
-            self.metrics.stale.labels("manifest", target.upstream.name).inc()
-            return stale
+            return replace(hit, result="stale")
 
     @staticmethod
     def _best(rows: list[TagRow], accept: Accept) -> TagRow | None:
@@ -164,6 +164,7 @@ class ManifestService:
             if (response.content_length or 0) > MAX_MANIFEST_SIZE:
                 raise ManifestTooLarge(detail={"limit": MAX_MANIFEST_SIZE})
             data = await _read_capped(response, target)
+            self.metrics.upstream_bytes.labels(target.upstream.name).inc(len(data))
             media_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
             announced = response.headers.get("Docker-Content-Digest")
         algorithm = "sha512" if announced and announced.startswith("sha512:") else "sha256"
@@ -186,7 +187,7 @@ class ManifestService:
             repo=target.repo,
             headers={"Accept": accept.header},
         )
-        raise_for_status(target.upstream, response, ManifestUnknown(detail={"name": target.name}))
+        self.client.check(target.upstream, response, ManifestUnknown(detail={"name": target.name}))
         return response
 
 

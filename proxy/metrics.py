@@ -1,7 +1,17 @@
 """Prometheus metrics, in a registry the app owns (never the global default registry,
-so that several apps in one process, as in tests, keep separate counts)."""
+so that several apps in one process, as in tests, keep separate counts).
+
+Hit ratio, by count and by bytes:
+
+    sum(rate(pullthrough_cache_requests_total{result!="miss"}[5m]))
+      / sum(rate(pullthrough_cache_requests_total[5m]))
+    sum(rate(pullthrough_served_bytes_total{source="cache"}[5m]))
+      / sum(rate(pullthrough_served_bytes_total[5m]))
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import (
@@ -9,69 +19,128 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
 )
 
 from cache.store import Cache
+from proxy.breaker import STATES, CircuitBreaker
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.digest_mismatches = Counter(
-            "pullthrough_digest_mismatches_total",
-            "Downloads discarded because their bytes did not match the digest",
-            ["kind", "upstream"],
-            registry=self.registry,
+        r = self.registry
+        self.requests = Counter(
+            "pullthrough_http_requests_total",
+            "Requests served, by route kind, method and status code",
+            ["route", "method", "status"],
+            registry=r,
         )
-        self.stale = Counter(
-            "pullthrough_stale_total",
-            "Cached answers served because upstream failed (stale-if-error)",
-            ["kind", "upstream"],
-            registry=self.registry,
+        self.request_seconds = Histogram(
+            "pullthrough_http_request_duration_seconds",
+            "Time to serve a request, to the last byte",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "pullthrough_cache_requests_total",
+            "Cache lookups by kind and upstream: hit, miss, coalesced (joined a download"
+            " in progress) or stale (served because upstream failed)",
+            ["kind", "upstream", "result"],
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "pullthrough_served_bytes_total",
+            "Body bytes sent to clients, by source (cache or upstream)",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "pullthrough_upstream_bytes_total",
+            "Body bytes fetched from each upstream",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "pullthrough_upstream_request_duration_seconds",
+            "Time until an upstream answered (headers), by upstream and outcome",
+            ["upstream", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "pullthrough_upstream_errors_total",
+            "Failed upstream requests, by upstream and class",
+            ["upstream", "class"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "pullthrough_upstream_breaker_state",
+            "Circuit-breaker state per upstream: 1 for the current state",
+            ["upstream", "state"],
+            registry=r,
         )
         self.ratelimit_remaining = Gauge(
             "pullthrough_upstream_ratelimit_remaining",
             "The last ratelimit-remaining an upstream (Docker Hub) reported",
             ["upstream"],
-            registry=self.registry,
+            registry=r,
         )
-
+        self.token_fetches = Counter(
+            "pullthrough_token_fetches_total",
+            "Bearer tokens fetched from upstream token services",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.fills_in_progress = Gauge(
+            "pullthrough_fills_in_progress", "Blob downloads into the cache now", registry=r
+        )
+        self.cache_bytes = Gauge("pullthrough_cache_size_bytes", "Bytes in the cache", registry=r)
+        self.cache_blobs = Gauge(
+            "pullthrough_cache_blobs", "Blobs and manifests in the cache", registry=r
+        )
+        self.cache_max_bytes = Gauge(
+            "pullthrough_cache_max_size_bytes", "The cache's size budget", registry=r
+        )
         self.evictions = Counter(
             "pullthrough_evictions_total",
-            "Blobs evicted from the cache, by reason (size, ttl)",
+            "Blobs evicted, by reason (size, ttl)",
             ["reason"],
-            registry=self.registry,
+            registry=r,
         )
         self.evicted_bytes = Counter(
             "pullthrough_evicted_bytes_total",
-            "Bytes evicted from the cache, by reason (size, ttl)",
+            "Bytes evicted, by reason (size, ttl)",
             ["reason"],
-            registry=self.registry,
+            registry=r,
         )
-        self.cache_bytes = Gauge(
-            "pullthrough_cache_size_bytes", "Bytes in the cache", registry=self.registry
+        self.disk_full = Counter(
+            "pullthrough_disk_full",
+            "Downloads passed through uncached because the disk or the budget was full",
+            registry=r,
         )
-        self.cache_blobs = Gauge(
-            "pullthrough_cache_blobs", "Blobs and manifests in the cache", registry=self.registry
-        )
-        self.disk_full = Gauge(
-            "pullthrough_disk_full_events",
-            "Downloads passed through uncached because the disk or budget was full",
-            registry=self.registry,
-        )
-        self.fills_in_progress = Gauge(
-            "pullthrough_fills_in_progress",
-            "Blob downloads into the cache in progress",
-            registry=self.registry,
+        self.digest_mismatches = Counter(
+            "pullthrough_digest_mismatches_total",
+            "Downloads discarded because their bytes did not match the digest",
+            ["kind", "upstream"],
+            registry=r,
         )
 
     def watch_cache(self, cache: Cache) -> None:
         """Read sizes off the cache at scrape time rather than tracking every change."""
         self.cache_bytes.set_function(lambda: cache.used)
         self.cache_blobs.set_function(lambda: cache.count)
-        self.disk_full.set_function(lambda: cache.disk_full_events)
+        self.cache_max_bytes.set(cache.budget.max_size)
         self.fills_in_progress.set_function(lambda: cache.fills_in_progress)
+        cache.on_disk_full = self.disk_full.inc
+
+    def watch_breaker(self, breaker: CircuitBreaker) -> None:
+        for state in STATES:
+            self.breaker_state.labels(breaker.name, state).set_function(_is_state(breaker, state))
 
     def evicted(self, reason: str, blobs: int, size: int) -> None:
         self.evictions.labels(reason).inc(blobs)
@@ -79,6 +148,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _is_state(breaker: CircuitBreaker, state: str) -> Callable[[], float]:
+    return lambda: float(breaker.state == state)
 
 
 def metrics_response(metrics: Metrics) -> web.Response:

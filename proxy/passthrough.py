@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from proxy.errors import ManifestUnknown, NameUnknown, RegistryError, UpstreamBadResponse
 from proxy.routing import Target
-from proxy.upstream import UpstreamClient, raise_for_status
+from proxy.upstream import UpstreamClient
 
 MAX_LISTING_SIZE = 8 * 1024 * 1024
 _PASSED_HEADERS = ("Content-Type", "OCI-Filters-Applied")
@@ -44,7 +44,7 @@ class Passthrough:
             params=params,
         )
         async with response:
-            raise_for_status(target.upstream, response, not_found)
+            self.client.check(target.upstream, response, not_found)
             if (response.content_length or 0) > MAX_LISTING_SIZE:
                 raise UpstreamBadResponse(f"upstream {target.upstream.name} sent too large a list")
             body = await response.content.read(MAX_LISTING_SIZE + 1)

@@ -30,6 +30,8 @@ async def send_blob(
     try:
         async for chunk in read_range(blob.fd, start, stop, blob.fill):
             await response.write(chunk)
+    except ConnectionResetError:
+        return response  # the client hung up; a fill it started carries on regardless
     except FillFailed as exc:
         # The download went bad after we began answering: cut the connection, so that the
         # client can't take a short or wrong body for a whole one.

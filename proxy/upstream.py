@@ -30,6 +30,7 @@ from proxy.errors import (
     Unauthorized,
     UpstreamBadResponse,
     UpstreamRateLimited,
+    UpstreamServerError,
     UpstreamUnavailable,
 )
 from proxy.metrics import Metrics
@@ -60,8 +61,27 @@ class UpstreamClient:
 
     def breaker(self, upstream: UpstreamConfig) -> CircuitBreaker:
         if upstream.name not in self._breakers:
-            self._breakers[upstream.name] = CircuitBreaker(upstream.name, clock=self.clock)
+            breaker = CircuitBreaker(upstream.name, clock=self.clock)
+            self._breakers[upstream.name] = breaker
+            self.metrics.watch_breaker(breaker)
         return self._breakers[upstream.name]
+
+    def check(
+        self, upstream: UpstreamConfig, response: aiohttp.ClientResponse, not_found: RegistryError
+    ) -> None:
+        """Map a non-2xx upstream answer to the error a client should see (releasing it)."""
+        if 200 <= response.status < 300:
+            return
+        response.release()
+        if response.status == 404:
+            raise not_found
+        error = _status_error(upstream, response)
+        if response.status < 500 and response.status != 429:  # 5xx, 429: counted in _send
+            self.count_error(upstream, error)
+        raise error
+
+    def count_error(self, upstream: UpstreamConfig, error: RegistryError) -> None:
+        self.metrics.upstream_errors.labels(upstream.name, _error_class(error)).inc()
 
     async def request(
         self,
@@ -135,8 +155,20 @@ class UpstreamClient:
             headers["Authorization"] = basic
             query["account"] = upstream.username or ""
         try:
+            token = await self._request_token(upstream, realm.with_query(query), headers)
+        except RegistryError as error:
+            self.metrics.token_fetches.labels(upstream.name, "error").inc()
+            self.count_error(upstream, error)
+            raise
+        self.metrics.token_fetches.labels(upstream.name, "ok").inc()
+        return token
+
+    async def _request_token(
+        self, upstream: UpstreamConfig, url: URL, headers: dict[str, str]
+    ) -> tuple[str, float]:
+        try:
             async with self.session.get(
-                realm.with_query(query), headers=headers, timeout=_timeout(upstream)
+                url, headers=headers, timeout=_timeout(upstream)
             ) as response:
                 if response.status in (401, 403):
                     raise Unauthorized(f"upstream {upstream.name}'s token service refused us")
@@ -164,6 +196,7 @@ class UpstreamClient:
             if authorization is not None and url.origin() == origin:
                 sent["Authorization"] = authorization
             breaker.before_request()
+            started = time.perf_counter()
             try:
                 response = await self.session.request(
                     method, url, headers=sent, allow_redirects=False, timeout=_timeout(upstream)
@@ -172,26 +205,42 @@ class UpstreamClient:
                 # Refused, or no answer within the timeouts: mark upstream down at once, so
                 # the next request doesn't wait for the same timeout again.
                 breaker.failure(unreachable=True)
-                raise UpstreamUnavailable(
+                self._observe(upstream, "unreachable", started)
+                error = UpstreamUnavailable(
                     f"upstream {upstream.name} unreachable: {type(exc).__name__}"
-                ) from None
+                )
+                self.count_error(upstream, error)
+                raise error from None
+            self._observe(upstream, _outcome(response.status), started)
             if response.status >= 500:
                 breaker.failure()
+                self.metrics.upstream_errors.labels(upstream.name, "server_error").inc()
             else:
                 breaker.success()
+            if response.status == 429:
+                self.metrics.upstream_errors.labels(upstream.name, "rate_limited").inc()
             self._note_ratelimit(upstream, response)
             if response.status not in _REDIRECTS:
                 return response
             location = response.headers.get("Location")
             response.release()
             if not location:
-                raise UpstreamBadResponse(f"upstream {upstream.name} redirected nowhere")
+                raise self._bad(upstream, "redirected nowhere")
             url = url.join(URL(location))
             if url.scheme not in ("http", "https"):
-                raise UpstreamBadResponse(f"upstream {upstream.name} redirected to a non-http URL")
+                raise self._bad(upstream, "redirected to a non-http URL")
             if response.status == 303:
                 method = "GET"
-        raise UpstreamBadResponse(f"upstream {upstream.name} redirected too many times")
+        raise self._bad(upstream, "redirected too many times")
+
+    def _bad(self, upstream: UpstreamConfig, what: str) -> UpstreamBadResponse:
+        error = UpstreamBadResponse(f"upstream {upstream.name} {what}")
+        self.count_error(upstream, error)
+        return error
+
+    def _observe(self, upstream: UpstreamConfig, outcome: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.upstream_seconds.labels(upstream.name, outcome).observe(elapsed)
 
     def _note_ratelimit(self, upstream: UpstreamConfig, response: aiohttp.ClientResponse) -> None:
         """Docker Hub reports pulls left as `ratelimit-remaining: 76;w=21600`."""
@@ -243,17 +292,27 @@ def _status_error(upstream: UpstreamConfig, response: aiohttp.ClientResponse) ->
         headers = {"Retry-After": retry_after} if retry_after.isdigit() else {}
         return UpstreamRateLimited(f"upstream {upstream.name} is rate-limiting", headers=headers)
     if status >= 500:
-        return UpstreamUnavailable(f"upstream {upstream.name} answered {status}")
+        return UpstreamServerError(f"upstream {upstream.name} answered {status}")
     return UpstreamBadResponse(f"upstream {upstream.name} answered {status}")
 
 
-def raise_for_status(
-    upstream: UpstreamConfig, response: aiohttp.ClientResponse, not_found: RegistryError
-) -> None:
-    """Map a non-2xx upstream answer to the error a client should see (releasing it)."""
-    if 200 <= response.status < 300:
-        return
-    response.release()
-    if response.status == 404:
-        raise not_found
-    raise _status_error(upstream, response)
+def _outcome(status: int) -> str:
+    if status < 400:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    if status == 429:
+        return "rate_limited"
+    return "server_error" if status >= 500 else "client_error"
+
+
+def _error_class(error: RegistryError) -> str:
+    if isinstance(error, UpstreamRateLimited):
+        return "rate_limited"
+    if isinstance(error, Unauthorized | Denied):
+        return "unauthorized"
+    if isinstance(error, UpstreamServerError):
+        return "server_error"
+    if isinstance(error, UpstreamUnavailable):
+        return "unreachable"
+    return "bad_response"

@@ -55,7 +55,7 @@ async def test_blob_larger_than_the_budget_is_passed_through(
     await asyncio.sleep(0.05)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
-    assert await metric(mirror, "pullthrough_disk_full_events") == 1
+    assert await metric(mirror, "pullthrough_disk_full_total") == 1
 
 
 async def test_enospc_mid_download_still_serves_every_client_in_full(
@@ -79,7 +79,7 @@ async def test_enospc_mid_download_still_serves_every_client_in_full(
     await asyncio.sleep(0.05)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
-    assert await metric(mirror, "pullthrough_disk_full_events") == 1
+    assert await metric(mirror, "pullthrough_disk_full_total") == 1
 
     # The space came back: a small blob is cached as usual afterwards.
     small = os.urandom(100_000)

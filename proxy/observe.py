@@ -1,0 +1,157 @@
+"""Per-request bookkeeping: a request id, one access-log line, request and cache metrics.
+
+Handlers say what the cache did with `note_lookup`; the middleware does the rest once the
+response is finished, so a handler never touches logging or metrics itself.
+
+An access-log line (text, or one JSON object per line with `log.format: json`):
+
+    7f3a9c2e41d05b88 10.0.0.7 "GET /v2/library/alpine/blobs/sha256:…" 200 3402 12.4ms
+        upstream=docker.io cache=HIT
+
+Paths are logged without their query string except `ns`: queries are the one place a
+client could put something secret, and nothing else in them matters for operations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from proxy.errors import Handler
+from proxy.metrics import Metrics
+
+access_log = logging.getLogger("pullthrough.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ROUTES = (
+    ("/manifests/", "manifest"),
+    ("/blobs/", "blob"),
+    ("/tags/list", "tags"),
+    ("/referrers/", "referrers"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    kind: str  # manifest or blob
+    upstream: str
+    result: str  # hit, miss, coalesced or stale
+
+
+LOOKUP = web.RequestKey("lookup", Lookup)
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_GONE = 499  # nginx's status for "the client closed the connection first"
+
+
+def note_lookup(request: web.Request, kind: str, upstream: str, result: str) -> None:
+    request[LOOKUP] = Lookup(kind, upstream, result)
+
+
+def route_kind(path: str) -> str:
+    if path.startswith("/v2/"):
+        if path == "/v2/":
+            return "ping"
+        if path.startswith("/v2/_catalog"):
+            return "catalog"
+        for marker, kind in _ROUTES:
+            if marker in path:
+                return kind
+        return "other"
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    return "metrics" if path == "/metrics" else "other"
+
+
+def observe_middleware(metrics: Metrics, json_lines: bool) -> Middleware:
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        incoming = request.headers.get("X-Request-ID", "")
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else secrets.token_hex(8)
+        request[REQUEST_ID] = request_id
+        status, sent = CLIENT_GONE, 0
+        try:
+            response = await handler(request)
+            status, sent = response.status, _body_bytes(response)
+            return response
+        finally:
+            # Errors became responses further in; what still lands here is a client
+            # that went away (or a shutdown), logged as 499.
+            elapsed = time.perf_counter() - started
+            _record(metrics, request, status, sent, elapsed)
+            _log(request, request_id, status, sent, elapsed, json_lines)
+
+    return observe
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: streamed responses send their headers inside the handler."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
+
+
+def _body_bytes(response: web.StreamResponse) -> int:
+    if isinstance(response, web.Response) and not response.prepared:
+        return response.content_length or 0
+    return response.body_length
+
+
+def _record(metrics: Metrics, request: web.Request, status: int, sent: int, elapsed: float) -> None:
+    route = route_kind(request.path)
+    metrics.requests.labels(route, request.method, str(status)).inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
+    lookup = request.get(LOOKUP)
+    if lookup is None:
+        return
+    metrics.cache_requests.labels(lookup.kind, lookup.upstream, lookup.result).inc()
+    if sent:
+        source = "upstream" if lookup.result in ("miss", "coalesced") else "cache"
+        metrics.served_bytes.labels(source).inc(sent)
+
+
+def _log(
+    request: web.Request,
+    request_id: str,
+    status: int,
+    sent: int,
+    elapsed: float,
+    json_lines: bool,
+) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    lookup = request.get(LOOKUP)
+    ns = request.query.get("ns")
+    path = request.path + (f"?ns={ns}" if ns else "")
+    fields = {
+        "request_id": request_id,
+        "client": request.remote or "-",
+        "method": request.method,
+        "path": path,
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(elapsed * 1000, 1),
+        "upstream": lookup.upstream if lookup else None,
+        "cache": lookup.result.upper() if lookup else None,
+    }
+    if json_lines:
+        access_log.info(json.dumps(fields))
+        return
+    access_log.info(
+        '%s %s "%s %s" %d %d %.1fms upstream=%s cache=%s',
+        request_id,
+        fields["client"],
+        request.method,
+        path,
+        status,
+        sent,
+        elapsed * 1000,
+        fields["upstream"] or "-",
+        fields["cache"] or "-",
+    )
