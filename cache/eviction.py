@@ -44,10 +44,12 @@ class Evictor:
     async def run_once(self) -> dict[str, int]:
         """One pass: TTL first, then size. Returns blobs evicted by reason."""
         await self.cache.flush_access()
+        # Recount: `pullthrough evict` or `gc` may have changed the cache from outside.
+        self.cache.used, self.cache.count = await self.cache.index.usage()
         removed = {"ttl": await self._expire(), "size": 0}
         budget = self.cache.budget
         if self.cache.used > budget.max_size * budget.high_watermark:
-            removed["size"] = await self._shrink_to(int(budget.max_size * budget.low_watermark))
+            removed["size"] = await self.shrink_to(int(budget.max_size * budget.low_watermark))
         return removed
 
     async def make_room(self, fill: Fill, size: int) -> None:
@@ -57,7 +59,7 @@ class Evictor:
         if self.cache.used + reserved + size <= max_size:
             return
         await self.cache.flush_access()
-        await self._shrink_to(max_size - reserved - size)
+        await self.shrink_to(max_size - reserved - size)
         if self.cache.used + reserved + size > max_size:
             fill.go_passthrough()
 
@@ -80,7 +82,9 @@ class Evictor:
             total += len(rows)
         return total
 
-    async def _shrink_to(self, target: int) -> int:
+    async def shrink_to(self, target: int, reason: str = "size") -> int:
+        """Evict least recently used content until at most `target` bytes are left."""
+        await self.cache.flush_access()
         total = 0
         while self.cache.used > target:
             rows = await self.cache.index.least_recent(BATCH)
@@ -92,7 +96,7 @@ class Evictor:
                     break
                 victims.append(row)
                 freed += row.size
-            await self._evict(victims, "size")
+            await self._evict(victims, reason)
             total += len(victims)
         return total
 

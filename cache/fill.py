@@ -43,6 +43,7 @@ class Fill:
         self.verified = False
         self.error: BaseException | None = None
         self.passthrough = False
+        self.settled = asyncio.Event()  # committed, passed through or abandoned: all done
         self.on_passthrough: Callable[[Fill], None] | None = None
         self._hasher: Any = digest.hasher()
         self._chunks: deque[tuple[int, bytes]] = deque(maxlen=1)  # (offset, bytes) in memory

@@ -233,6 +233,16 @@ class Index:
         async with self.db.execute(sql, (0, 1)) as cursor:
             return " ".join(str(row[-1]) for row in await cursor.fetchall())
 
+    async def top_repositories(self, limit: int) -> list[tuple[str, str, int]]:
+        """(upstream, repo, bytes) of the repositories holding the most cached bytes."""
+        async with self.db.execute(
+            "SELECT r.upstream, r.repo, sum(b.size) AS total FROM repo_blobs r"
+            " JOIN blobs b ON b.digest = r.digest GROUP BY r.upstream, r.repo"
+            " ORDER BY total DESC LIMIT ?",
+            (limit,),
+        ) as cursor:
+            return [(r[0], r[1], r[2]) for r in await cursor.fetchall()]
+
     async def digests(self) -> set[str]:
         async with self.db.execute("SELECT digest FROM blobs") as cursor:
             return {row[0] for row in await cursor.fetchall()}

@@ -196,6 +196,12 @@ class Cache:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
         fill.close()
+        fill.settled.set()
+
+    async def finish_commits(self) -> None:
+        """Shutdown: let fills already verified finish committing, rather than lose them.
+        Callers bound the wait with asyncio.timeout."""
+        await asyncio.gather(*(f.settled.wait() for f in self._fills.values() if f.verified))
 
     async def _indexed(
         self, digest: str, size: int, media_type: str | None, upstream: str, repo: str

@@ -7,6 +7,8 @@ are cancelled first, then the HTTP session closes, then the index.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -39,12 +41,19 @@ from proxy.observe import add_request_id, observe_middleware
 from proxy.passthrough import Passthrough
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
+from proxy.warm import Warmer, warm_all
 
 NAME = r"{name:[^{}]+?}"
 
 
-def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
-    """The mirror for `config`. `clock` decides every TTL, so tests can move time."""
+def make_app(
+    config: Config, clock: Callable[[], float] = time.time, serving: bool = True
+) -> web.Application:
+    """The mirror for `config`. `clock` decides every TTL, so tests can move time.
+
+    `serving` is False for CLI commands that borrow the services (`warm`): they must not
+    clear tmp/ or start the background jobs that belong to the one serving process.
+    """
     metrics = Metrics()
     app = web.Application(
         middlewares=[observe_middleware(metrics, config.log.format == "json"), error_middleware]
@@ -53,9 +62,9 @@ def make_app(config: Config, clock: Callable[[], float] = time.time) -> web.Appl
     app[METRICS] = metrics
     app.on_response_prepare.append(_api_version_header)
     app.on_response_prepare.append(add_request_id)
-    app.cleanup_ctx.append(lambda app: _cache(app, clock))
+    app.cleanup_ctx.append(lambda app: _cache(app, clock, serving))
     app.cleanup_ctx.append(lambda app: _upstream(app, clock))
-    app.cleanup_ctx.append(lambda app: _services(app, clock))
+    app.cleanup_ctx.append(lambda app: _services(app, clock, serving))
     _add_routes(app)
     return app
 
@@ -84,11 +93,13 @@ async def _api_version_header(request: web.Request, response: web.StreamResponse
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
 
 
-async def _cache(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
+async def _cache(
+    app: web.Application, clock: Callable[[], float], serving: bool
+) -> AsyncIterator[None]:
     settings = app[CONFIG].cache
     budget = Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
     cache = Cache(settings.path, budget, clock=clock)
-    await cache.open()
+    await cache.open(clear_debris=serving)
     app[CACHE] = cache
     metrics = app[METRICS]
     metrics.watch_cache(cache)
@@ -113,13 +124,23 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
     await session.close()
 
 
-async def _services(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
+async def _services(
+    app: web.Application, clock: Callable[[], float], serving: bool
+) -> AsyncIterator[None]:
     tasks = BackgroundTasks()
     app[TASKS] = tasks
     app[MANIFESTS] = ManifestService(app[CACHE], app[UPSTREAM], app[METRICS], clock)
     app[BLOBS] = BlobService(app[CACHE], app[EVICTOR], app[UPSTREAM], tasks, app[METRICS])
-    tasks.spawn(reconcile(app[CACHE]), name="reconcile")
-    tasks.spawn(app[EVICTOR].run_forever(), name="evictor")
+    if serving:
+        tasks.spawn(reconcile(app[CACHE]), name="reconcile")
+        tasks.spawn(app[EVICTOR].run_forever(), name="evictor")
+        warm = list(app[CONFIG].warm)
+        if warm:
+            warmer = Warmer(app[CONFIG], app[MANIFESTS], app[BLOBS])
+            tasks.spawn(warm_all(warmer, warm), name="warm")
     app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
     yield
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5):
+            await app[CACHE].finish_commits()
     await tasks.close()

@@ -1,4 +1,15 @@
-"""The `pullthrough` command: `serve` and `fsck`."""
+"""The `pullthrough` command.
+
+    serve          run the mirror
+    check-config   validate a config and print the effective one, secrets masked
+    warm IMAGE...  pre-fetch images through the same services as a pull
+    stats          size, blob count, top repositories, hit ratio of a running server
+    gc             one reconcile and eviction pass (TTL, then the size watermarks)
+    evict --to N   evict least recently used content down to N bytes
+    fsck           re-hash every cached blob; --repair removes the bad ones
+
+Exit status: 0 done, 1 problems found or work failed, 2 bad input.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +17,194 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
 
+import aiohttp
+import yaml
 from aiohttp import web
 
-from cache.integrity import Report, fsck
+from cache.eviction import Evictor
+from cache.integrity import Report, fsck, reconcile
 from cache.store import Budget, Cache
+from proxy import logs
 from proxy.app import make_app
-from proxy.config import Config, ConfigError, load_config
+from proxy.config import (
+    Config,
+    ConfigError,
+    WarmEntry,
+    effective,
+    host_platform,
+    load_config,
+    parse_size,
+)
+from proxy.errors import RegistryError
+from proxy.keys import BLOBS, MANIFESTS
+from proxy.warm import Progress, Warmer, parse_image, warm_all
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input on the command line: one line on stderr, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        logs.configure(args.log_level or config.log.level, config.log.format == "json")
+        if args.command == "serve":
+            return _serve(config)
+        return asyncio.run(COMMANDS[args.command](config, args))
+    except (ConfigError, UsageError) as exc:
         print(f"pullthrough: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    if args.command == "fsck":
-        return asyncio.run(_fsck(config, args.repair))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pullthrough", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", help="run the mirror")
+    commands.add_parser("check-config", help="validate and print the effective config")
+    warm = commands.add_parser("warm", help="pre-fetch images into the cache")
+    warm.add_argument("images", nargs="+", metavar="IMAGE")
+    warm.add_argument("--platform", action="append", default=[], metavar="OS/ARCH")
+    warm.add_argument("--all-platforms", action="store_true")
+    stats = commands.add_parser("stats", help="what the cache holds, and the hit ratio")
+    stats.add_argument("--server", help="URL of the running mirror (default: from listen)")
+    stats.add_argument("--top", type=int, default=10, help="repositories to list (10)")
+    commands.add_parser("gc", help="one reconcile and eviction pass")
+    evict = commands.add_parser("evict", help="evict least recently used content")
+    evict.add_argument("--to", required=True, metavar="SIZE", help="e.g. 20GiB")
+    check = commands.add_parser("fsck", help="re-hash every cached blob and report")
+    check.add_argument("--repair", action="store_true", help="remove bad blobs and stale rows")
+    for command in commands.choices.values():
+        command.add_argument("--config", default="mirror.yaml", help="config file (./mirror.yaml)")
+        command.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _serve(config: Config) -> int:
+    # run_app stops accepting on SIGTERM, gives in-flight responses `shutdown_timeout`
+    # to finish, and then runs cleanup: fills are cancelled and their temp files removed.
     web.run_app(
         make_app(config),
         host=config.listen_host,
         port=config.listen_port,
-        print=lambda msg: logging.getLogger("pullthrough").info(msg.strip()),
+        shutdown_timeout=config.shutdown_grace,
+        access_log=None,  # proxy.observe writes the access log
+        print=lambda message: logging.getLogger("pullthrough").info(message.strip()),
     )
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pullthrough", description="A registry mirror.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the mirror")
-    check = commands.add_parser("fsck", help="re-hash every cached blob and report")
-    check.add_argument("--repair", action="store_true", help="remove bad blobs and stale rows")
-    for command in (serve, check):
-        command.add_argument("--config", default="mirror.yaml", help="config file (./mirror.yaml)")
-        command.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
-    return parser
+async def _check_config(config: Config, args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(effective(config), sort_keys=False), end="")
+    return 0
 
 
-async def _fsck(config: Config, repair: bool) -> int:
+async def _warm(config: Config, args: argparse.Namespace) -> int:
+    platforms = None if args.all_platforms else frozenset(args.platform or [host_platform()])
+    entries = [WarmEntry(image, platforms) for image in args.images]
+    for entry in entries:
+        try:
+            parse_image(config, entry.image)
+        except RegistryError as exc:
+            raise UsageError(f"{entry.image}: {exc.message}") from None
+    app = make_app(config, serving=False)
+    runner = web.AppRunner(app)
+    await runner.setup()  # opens the cache and the upstream session; no listening socket
+    try:
+        warmer = Warmer(config, app[MANIFESTS], app[BLOBS], Progress())
+        failed = await warm_all(warmer, entries, report=print)
+    finally:
+        await runner.cleanup()
+    return EXIT_PROBLEMS if failed else 0
+
+
+@asynccontextmanager
+async def _open_cache(config: Config) -> AsyncIterator[Cache]:
     if not (config.cache.path / "index.db").exists():
-        print(f"pullthrough: no cache at {config.cache.path}", file=sys.stderr)
-        return EXIT_USAGE
-    cache = Cache(config.cache.path, Budget(config.cache.max_size))
+        raise UsageError(f"no cache at {config.cache.path}")
+    settings = config.cache
+    cache = Cache(
+        settings.path, Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
+    )
     await cache.open(clear_debris=False)  # a server may be running on this cache
     try:
-        report = await fsck(cache, repair=repair)
+        yield cache
     finally:
         await cache.close()
-    _print_report(report, repair)
-    return 0 if report.clean or repair else EXIT_PROBLEMS
+
+
+async def _stats(config: Config, args: argparse.Namespace) -> int:
+    async with _open_cache(config) as cache:
+        top = await cache.index.top_repositories(args.top)
+        print(f"size:   {cache.used / 1e9:.2f} GB of {config.cache.max_size / 1e9:.2f} GB")
+        print(f"blobs:  {cache.count}")
+    print("top repositories by bytes:")
+    for upstream, repo, size in top:
+        print(f"  {size / 1e6:10.1f} MB  {upstream}/{repo}")
+    host = "127.0.0.1" if config.listen_host in ("0.0.0.0", "::") else config.listen_host
+    server = args.server or f"http://{host}:{config.listen_port}"
+    print(f"hit ratio since start: {await _hit_ratio(server)}")
+    return 0
+
+
+async def _hit_ratio(server: str) -> str:
+    try:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(server.rstrip("/") + "/metrics") as response,
+        ):
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return f"unknown (no mirror answering at {server})"
+    requests = hits = 0.0
+    for line in text.splitlines():
+        if line.startswith("pullthrough_cache_requests_total{"):
+            value = float(line.rsplit(" ", 1)[1])
+            requests += value
+            hits += 0 if 'result="miss"' in line else value
+    return f"{hits / requests:.1%} of {requests:.0f} lookups" if requests else "no lookups yet"
+
+
+async def _gc(config: Config, args: argparse.Namespace) -> int:
+    async with _open_cache(config) as cache:
+        report = await reconcile(cache)
+        removed = await Evictor(cache, config.cache.blob_ttl).run_once()
+    print(
+        f"dropped {len(report.missing)} rows without files, adopted {len(report.adopted)} files,"
+        f" evicted {removed['ttl']} by ttl and {removed['size']} by size"
+    )
+    return 0
+
+
+async def _evict(config: Config, args: argparse.Namespace) -> int:
+    try:
+        target = parse_size(args.to, "--to", allow_zero=True)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    async with _open_cache(config) as cache:
+        before = cache.used
+        evicted = await Evictor(cache, config.cache.blob_ttl).shrink_to(target, "manual")
+        print(
+            f"evicted {evicted} blobs, {(before - cache.used) / 1e6:.1f} MB; now {cache.used} bytes"
+        )
+    return 0
+
+
+async def _fsck(config: Config, args: argparse.Namespace) -> int:
+    async with _open_cache(config) as cache:
+        report = await fsck(cache, repair=args.repair)
+    _print_report(report, args.repair)
+    return 0 if report.clean or args.repair else EXIT_PROBLEMS
 
 
 def _print_report(report: Report, repair: bool) -> None:
@@ -76,3 +218,13 @@ def _print_report(report: Report, repair: bool) -> None:
     if repair:
         summary += f"; removed {len(report.removed)}"
     print(summary)
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "check-config": _check_config,
+    "warm": _warm,
+    "stats": _stats,
+    "gc": _gc,
+    "evict": _evict,
+    "fsck": _fsck,
+}

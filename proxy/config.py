@@ -13,6 +13,7 @@ Strings may name secrets as `${ENV_VAR}`; those are read from the environment.
 from __future__ import annotations
 
 import os
+import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -117,6 +118,19 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class WarmEntry:
+    """An image `serve` pre-fetches at start-up (`warm:` in the config)."""
+
+    image: str
+    platforms: frozenset[str] | None  # None: every platform of an index
+
+
+def host_platform() -> str:
+    machine = platform.machine().lower()
+    return "linux/" + {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = field(default="text", metadata=_help("access and app logs: text or json"))
     level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
@@ -135,6 +149,9 @@ class Config:
     shutdown_grace: float = field(
         default=30.0, metadata=_help("on SIGTERM, time in-flight responses get to finish")
     )
+    warm: tuple[WarmEntry, ...] = field(
+        default=(), metadata=_help("images to pre-fetch in the background at start-up")
+    )
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -145,6 +162,27 @@ class Config:
     @property
     def default_upstream(self) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.default), None)
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The config as plain data, for printing: every default filled in, secrets masked."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Secret):
+            return "***"
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, frozenset):
+            return sorted(value)
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if hasattr(value, "__dataclass_fields__"):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        return value
+
+    data: dict[str, Any] = plain(config)
+    listen = f"{data.pop('listen_host')}:{data.pop('listen_port')}"
+    return {"version": data.pop("version"), "listen": listen, **data}
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -190,6 +228,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         "upstream_defaults",
         "log",
         "shutdown_grace",
+        "warm",
     }
     _reject_unknown(raw, known, "")
     version = raw.get("version", 1)
@@ -205,7 +244,31 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         upstreams=upstreams,
         log=_parse_log(raw.get("log", {})),
         shutdown_grace=parse_duration(raw.get("shutdown_grace", 30), "shutdown_grace"),
+        warm=_parse_warm(raw.get("warm", [])),
     )
+
+
+def _parse_warm(raw: Any) -> tuple[WarmEntry, ...]:
+    """Entries are `IMAGE` (for this host's platform) or `{image, platforms | all_platforms}`."""
+    if not isinstance(raw, list):
+        raise ConfigError("warm", "must be a list of images")
+    entries = []
+    for i, item in enumerate(raw):
+        path = f"warm[{i}]"
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, dict):
+            raise ConfigError(path, "must be an image or a mapping with image")
+        _reject_unknown(item, {"image", "platforms", "all_platforms"}, path)
+        image = item.get("image")
+        if not isinstance(image, str) or not image or any(c.isspace() for c in image):
+            raise ConfigError(f"{path}.image", "must be an image reference such as alpine:3")
+        platforms = item.get("platforms", [host_platform()])
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise ConfigError(f"{path}.platforms", "must be a list such as [linux/amd64]")
+        everything = item.get("all_platforms", False) is True
+        entries.append(WarmEntry(image, None if everything else frozenset(platforms)))
+    return tuple(entries)
 
 
 def _parse_log(raw: Any) -> LogConfig:
@@ -262,15 +325,15 @@ def _fraction(value: Any, path: str) -> float:
     return float(value)
 
 
-def parse_size(value: Any, path: str) -> int:
+def parse_size(value: Any, path: str, *, allow_zero: bool = False) -> int:
     """`50GiB`, `500MB`, `1024` (bytes) → bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value > (-1 if allow_zero else 0):
         return value
     match = _SIZE.fullmatch(str(value)) if isinstance(value, str) else None
     if match is None:
         raise ConfigError(path, "must be a size such as 50GiB, 500MB or a byte count")
     size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()])
-    if size <= 0:
+    if size < 0 or (size == 0 and not allow_zero):
         raise ConfigError(path, "must be larger than zero")
     return size
 

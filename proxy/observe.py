@@ -47,6 +47,7 @@ class Lookup:
 
 LOOKUP = web.RequestKey("lookup", Lookup)
 REQUEST_ID = web.RequestKey("request_id", str)
+BODY_BYTES = web.RequestKey("body_bytes", int)  # set by handlers that stream their body
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection first"
 
 
@@ -79,7 +80,7 @@ def observe_middleware(metrics: Metrics, json_lines: bool) -> Middleware:
         status, sent = CLIENT_GONE, 0
         try:
             response = await handler(request)
-            status, sent = response.status, _body_bytes(response)
+            status, sent = response.status, _body_bytes(request, response)
             return response
         finally:
             # Errors became responses further in; what still lands here is a client
@@ -97,10 +98,13 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
-def _body_bytes(response: web.StreamResponse) -> int:
-    if isinstance(response, web.Response) and not response.prepared:
+def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
+    """Body bytes only: aiohttp's own counters include the header block."""
+    if BODY_BYTES in request:
+        return request[BODY_BYTES]
+    if request.method != "HEAD" and isinstance(response, web.Response) and not response.prepared:
         return response.content_length or 0
-    return response.body_length
+    return 0
 
 
 def _record(metrics: Metrics, request: web.Request, status: int, sent: int, elapsed: float) -> None:

@@ -9,6 +9,7 @@ from aiohttp import web
 from cache.errors import FillFailed
 from cache.fill import read_range
 from cache.store import OpenBlob
+from proxy.observe import BODY_BYTES
 from proxy.ranges import parse_range
 
 log = logging.getLogger("pullthrough.responses")
@@ -27,9 +28,11 @@ async def send_blob(
     if span is not None:
         response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{blob.size}"
     await response.prepare(request)
+    request[BODY_BYTES] = 0
     try:
         async for chunk in read_range(blob.fd, start, stop, blob.fill):
             await response.write(chunk)
+            request[BODY_BYTES] += len(chunk)
     except ConnectionResetError:
         return response  # the client hung up; a fill it started carries on regardless
     except FillFailed as exc:

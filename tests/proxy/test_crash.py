@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,62 +17,17 @@ import aiohttp
 import pytest
 
 from tests.fake_upstream.server import FakeUpstream, Fault
-from tests.upstream.registry import free_port
+from tests.mirror_process import MirrorProcess, mirror_processes
 
 REPO = "library/app"
-
-
-class MirrorProcess:
-    def __init__(self, workdir: Path, upstream_url: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        (workdir / "mirror.yaml").write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            "cache: {path: ./data}\n"
-            f"upstreams: [{{name: docker.io, url: '{upstream_url}', default: true}}]\n"
-        )
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with (self.workdir / "mirror.log").open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "serve", "--config", "mirror.yaml",
-                cwd=self.workdir, stdout=asyncio.subprocess.DEVNULL, stderr=log,
-            )  # fmt: skip
-        async with aiohttp.ClientSession() as session, asyncio.timeout(20):
-            while True:
-                try:
-                    async with session.get(self.url + "/v2/") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    @property
-    def temp_files(self) -> list[Path]:
-        return list((self.workdir / "data" / "tmp").iterdir())
 
 
 @pytest.fixture
 async def mirror_process(
     tmp_path: Path, fake_upstream: FakeUpstream
 ) -> AsyncIterator[Callable[[], MirrorProcess]]:
-    made: list[MirrorProcess] = []
-
-    def make() -> MirrorProcess:
-        made.append(MirrorProcess(tmp_path, fake_upstream.url))
-        return made[-1]
-
-    yield make
-    for mirror in made:
-        if mirror.process is not None and mirror.process.returncode is None:
-            await mirror.kill()
+    async with mirror_processes(tmp_path, fake_upstream.url) as make:
+        yield make
 
 
 async def pull(url: str) -> bytes:
