@@ -173,3 +173,35 @@ async def test_health_and_readiness(fake_upstream: FakeUpstream, make_mirror: Ma
     (mirror.cache_dir / "tmp").mkdir()
     async with mirror.get("/readyz") as response:
         assert response.status == 200
+
+
+async def test_no_secret_reaches_any_log_line_even_at_debug(
+    make_fake_upstream: MakeFakeUpstream,
+    make_mirror: MakeMirror,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import base64
+
+    caplog.set_level(logging.DEBUG)
+    secret = "pw-VERY-SECRET-42"
+    upstream = await make_fake_upstream(auth="dockerhub", credentials=("bot", secret))
+    data = os.urandom(2000)
+    digest = upstream.add_blob(REPO, data)
+    upstream.set_fault(digest, Fault(redirect=307, redirect_to="cdn"))
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": upstream.url, "default": True, "username": "bot",
+          "password": secret}]
+    )  # fmt: skip
+    second = upstream.add_blob(REPO, os.urandom(2000))
+    await read(mirror, f"/v2/app/blobs/{digest}")
+    upstream.revoke_tokens()  # a 401 on a cached token, then a new token
+    await read(mirror, f"/v2/app/blobs/{second}")
+    async with mirror.get("/v2/app/manifests/missing") as response:
+        assert response.status == 404
+
+    tokens = [grant.token for grant in upstream.token_grants]
+    basic = base64.b64encode(f"bot:{secret}".encode()).decode()
+    text = "\n".join(caplog.text.splitlines() + [r.getMessage() for r in caplog.records])
+    assert len(tokens) == 2 and text
+    for needle in [secret, basic, *tokens]:
+        assert needle not in text
