@@ -60,6 +60,7 @@ def make_app(
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    metrics.prepare([upstream.name for upstream in config.upstreams])
     app.on_response_prepare.append(_api_version_header)
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(lambda app: _cache(app, clock, serving))

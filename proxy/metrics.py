@@ -130,6 +130,23 @@ class Metrics:
             registry=r,
         )
 
+    def prepare(self, upstreams: list[str]) -> None:
+        """Export every per-upstream series at 0 from the start, so that `increase()` and
+        the alert rules see the first event too."""
+        for upstream in upstreams:
+            for kind in ("manifest", "blob"):
+                self.digest_mismatches.labels(kind, upstream)
+                for result in ("hit", "miss", "coalesced", "stale"):
+                    self.cache_requests.labels(kind, upstream, result)
+            for error in ("unreachable", "server_error", "rate_limited", "bad_response"):
+                self.upstream_errors.labels(upstream, error)
+            self.upstream_bytes.labels(upstream)
+        for reason in ("size", "ttl"):
+            self.evictions.labels(reason)
+            self.evicted_bytes.labels(reason)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+
     def watch_cache(self, cache: Cache) -> None:
         """Read sizes off the cache at scrape time rather than tracking every change."""
         self.cache_bytes.set_function(lambda: cache.used)
