@@ -35,6 +35,7 @@ from proxy.keys import (
     TASKS,
     UPSTREAM,
 )
+from proxy.logs import quiet_protocol_errors
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
@@ -54,6 +55,7 @@ def make_app(
     `serving` is False for CLI commands that borrow the services (`warm`): they must not
     clear tmp/ or start the background jobs that belong to the one serving process.
     """
+    quiet_protocol_errors()
     metrics = Metrics()
     app = web.Application(
         middlewares=[observe_middleware(metrics, config.log.format == "json"), error_middleware]
