@@ -19,6 +19,7 @@ from cache.eviction import Evictor
 from cache.integrity import reconcile
 from cache.store import Budget, Cache
 from proxy import handlers
+from proxy.access import authenticator
 from proxy.auth import TokenCache
 from proxy.blobs import BlobService
 from proxy.config import Config
@@ -41,6 +42,7 @@ from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
 from proxy.passthrough import Passthrough
 from proxy.tasks import BackgroundTasks
+from proxy.tls import warn_insecure
 from proxy.upstream import UpstreamClient
 from proxy.warm import Warmer, warm_all
 
@@ -56,10 +58,13 @@ def make_app(
     clear tmp/ or start the background jobs that belong to the one serving process.
     """
     quiet_protocol_errors()
+    warn_insecure(config)
     metrics = Metrics()
-    app = web.Application(
-        middlewares=[observe_middleware(metrics, config.log.format == "json"), error_middleware]
-    )
+    middlewares = [observe_middleware(metrics, config.log.format == "json"), error_middleware]
+    logins = authenticator(config.auth)
+    if logins is not None:
+        middlewares.append(logins.middleware(protect_metrics=config.auth.metrics))
+    app = web.Application(middlewares=middlewares)
     app[CONFIG] = config
     app[METRICS] = metrics
     metrics.prepare([upstream.name for upstream in config.upstreams])

@@ -20,7 +20,7 @@ from cache.errors import DigestMismatch, FillFailed, SizeMismatch
 from cache.eviction import Evictor
 from cache.fill import Fill
 from cache.store import Cache, OpenBlob
-from proxy.errors import BlobUnknown, RegistryError, UpstreamUnavailable
+from proxy.errors import BlobUnknown, RegistryError, UpstreamBadResponse, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.routing import Target
 from proxy.tasks import BackgroundTasks
@@ -59,9 +59,9 @@ class BlobService:
             return blob
         try:
             await blob.fill.wait_started()
-            if blob.fill.size is None:
-                # Upstream sent no length: we can't promise one, so wait for the whole blob.
-                await blob.fill.wait_verified()
+            if blob.fill.error is not None:
+                # Failed before we answered anything: a clear error beats a cut connection.
+                raise _as_registry_error(blob.fill.error)
         except BaseException:
             blob.close()
             raise
@@ -93,7 +93,10 @@ class BlobService:
             )
             self.client.check(upstream, response, _unknown(target, digest))
             async with response:
-                await self.evictor.make_room(fill, response.content_length or 0)
+                if response.content_length is None:
+                    # Without a length, a body could run forever; registries always send one.
+                    raise self.client.bad(upstream, "sent a blob without Content-Length")
+                await self.evictor.make_room(fill, response.content_length)
                 fill.start(response.content_length)
                 fetched = self.metrics.upstream_bytes.labels(upstream.name)
                 async for chunk in response.content.iter_chunked(UPSTREAM_CHUNK):
@@ -120,6 +123,12 @@ class BlobService:
             # Whatever went wrong, the readers must be released, not left waiting.
             log.exception("storing %s failed", digest)
             self.cache.abandon_fill(fill, RegistryError("the mirror could not store the blob"))
+
+
+def _as_registry_error(error: BaseException) -> RegistryError:
+    if isinstance(error, RegistryError):
+        return error
+    return UpstreamBadResponse(f"the download was discarded: {error}")
 
 
 def _unknown(target: Target, digest: Digest) -> BlobUnknown:

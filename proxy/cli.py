@@ -41,6 +41,7 @@ from proxy.config import (
 )
 from proxy.errors import RegistryError
 from proxy.keys import BLOBS, MANIFESTS
+from proxy.tls import server_context
 from proxy.warm import Progress, Warmer, parse_image, warm_all
 
 EXIT_PROBLEMS = 1
@@ -97,6 +98,7 @@ def _serve(config: Config) -> int:
         host=config.listen_host,
         port=config.listen_port,
         shutdown_timeout=config.shutdown_grace,
+        ssl_context=server_context(config),
         access_log=None,  # proxy.observe writes the access log
         print=lambda message: logging.getLogger("pullthrough").info(message.strip()),
     )

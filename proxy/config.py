@@ -94,6 +94,18 @@ class UpstreamConfig:
     manifest_ttl: float = field(
         default=300.0, metadata=_help("seconds a tag's answer is served without asking upstream")
     )
+    allow: tuple[str, ...] = field(
+        default=(), metadata=_help("glob patterns of repositories served (empty: all)")
+    )
+    deny: tuple[str, ...] = field(
+        default=(), metadata=_help("glob patterns of repositories refused")
+    )
+    ca_bundle: Path | None = field(
+        default=None, metadata=_help("CA certificates to verify this upstream's TLS with")
+    )
+    insecure: bool = field(
+        default=False, metadata=_help("skip TLS verification of this upstream (warned at start)")
+    )
 
     @property
     def is_docker_hub(self) -> bool:
@@ -131,6 +143,21 @@ def host_platform() -> str:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    htpasswd: Path | None = field(
+        default=None, metadata=_help("htpasswd file of bcrypt entries; unset: anonymous pulls")
+    )
+    realm: str = field(default="pullthrough", metadata=_help("realm in the Basic challenge"))
+    metrics: bool = field(default=False, metadata=_help("/metrics needs a login too"))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path | None = field(default=None, metadata=_help("PEM certificate chain to serve"))
+    key: Path | None = field(default=None, metadata=_help("PEM private key"))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     format: str = field(default="text", metadata=_help("access and app logs: text or json"))
     level: str = field(default="INFO", metadata=_help("DEBUG, INFO, WARNING or ERROR"))
@@ -152,6 +179,8 @@ class Config:
     warm: tuple[WarmEntry, ...] = field(
         default=(), metadata=_help("images to pre-fetch in the background at start-up")
     )
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -229,6 +258,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         "log",
         "shutdown_grace",
         "warm",
+        "auth",
+        "tls",
     }
     _reject_unknown(raw, known, "")
     version = raw.get("version", 1)
@@ -245,7 +276,54 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         log=_parse_log(raw.get("log", {})),
         shutdown_grace=parse_duration(raw.get("shutdown_grace", 30), "shutdown_grace"),
         warm=_parse_warm(raw.get("warm", [])),
+        auth=_parse_auth(raw.get("auth", {})),
+        tls=_parse_tls(raw.get("tls", {})),
     )
+
+
+def _parse_auth(raw: Any) -> AuthConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("auth", "must be a mapping")
+    _reject_unknown(raw, {f.name for f in fields(AuthConfig)}, "auth")
+    htpasswd = _readable_file(raw.get("htpasswd"), "auth.htpasswd")
+    realm = raw.get("realm", "pullthrough")
+    if not isinstance(realm, str) or not realm or '"' in realm or "\\" in realm:
+        raise ConfigError("auth.realm", "must be a plain string")
+    metrics = raw.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise ConfigError("auth.metrics", "must be true or false")
+    if metrics and htpasswd is None:
+        raise ConfigError("auth.metrics", "needs auth.htpasswd")
+    return AuthConfig(htpasswd=htpasswd, realm=realm, metrics=metrics)
+
+
+def _parse_tls(raw: Any) -> TlsConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("tls", "must be a mapping")
+    _reject_unknown(raw, {"cert", "key"}, "tls")
+    cert = _readable_file(raw.get("cert"), "tls.cert")
+    key = _readable_file(raw.get("key"), "tls.key")
+    if (cert is None) != (key is None):
+        raise ConfigError("tls", "cert and key must be given together")
+    return TlsConfig(cert=cert, key=key)
+
+
+def _readable_file(value: Any, path: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(path, "must be a file path")
+    if not os.access(value, os.R_OK) or not Path(value).is_file():
+        raise ConfigError(path, f"cannot read {value!r}")
+    return Path(value)
+
+
+def _patterns(value: Any, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(path, "must be a list of patterns such as library/*")
+    return tuple(value)
 
 
 def _parse_warm(raw: Any) -> tuple[WarmEntry, ...]:
@@ -374,6 +452,9 @@ def _parse_upstream(
     default = raw.get("default", False)
     if not isinstance(default, bool):
         raise ConfigError(f"{path}.default", "must be true or false")
+    insecure = raw.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{path}.insecure", "must be true or false")
     username = _expand(raw.get("username"), f"{path}.username", env)
     password = _expand(raw.get("password"), f"{path}.password", env)
     if (username is None) != (password is None):
@@ -384,6 +465,10 @@ def _parse_upstream(
         default=default,
         username=username,
         password=Secret(password) if password is not None else None,
+        allow=_patterns(raw.get("allow"), f"{path}.allow"),
+        deny=_patterns(raw.get("deny"), f"{path}.deny"),
+        ca_bundle=_readable_file(raw.get("ca_bundle"), f"{path}.ca_bundle"),
+        insecure=insecure,
         **_tunables(raw, path, defaults),
     )
 

@@ -13,9 +13,10 @@ own rule) but names no configured upstream is refused rather than sent to the de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from proxy.config import Config, UpstreamConfig
-from proxy.errors import NameUnknown
+from proxy.errors import Denied, NameUnknown
 from proxy.references import check_repository
 
 
@@ -58,7 +59,16 @@ def _target(upstream: UpstreamConfig, repo: str, name: str, ns: str | None) -> T
     check_repository(repo)
     if upstream.is_docker_hub and "/" not in repo:
         repo = f"library/{repo}"
+    if not allowed(upstream, repo):
+        raise Denied(f"{upstream.name}/{repo} is not served by this mirror")
     return Target(upstream, repo, name, ns)
+
+
+def allowed(upstream: UpstreamConfig, repo: str) -> bool:
+    """Deny wins; with an allow list, only what it matches is served."""
+    if any(fnmatchcase(repo, pattern) for pattern in upstream.deny):
+        return False
+    return not upstream.allow or any(fnmatchcase(repo, p) for p in upstream.allow)
 
 
 def _looks_like_host(segment: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,6 +35,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.metrics import Metrics
+from proxy.tls import upstream_ssl
 
 log = logging.getLogger("pullthrough.upstream")
 
@@ -58,6 +60,12 @@ class UpstreamClient:
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._ssl_contexts: dict[str, ssl.SSLContext | bool] = {}
+
+    def _ssl(self, upstream: UpstreamConfig) -> ssl.SSLContext | bool:
+        if upstream.name not in self._ssl_contexts:
+            self._ssl_contexts[upstream.name] = upstream_ssl(upstream)
+        return self._ssl_contexts[upstream.name]
 
     def breaker(self, upstream: UpstreamConfig) -> CircuitBreaker:
         if upstream.name not in self._breakers:
@@ -168,7 +176,7 @@ class UpstreamClient:
     ) -> tuple[str, float]:
         try:
             async with self.session.get(
-                url, headers=headers, timeout=_timeout(upstream)
+                url, headers=headers, timeout=_timeout(upstream), ssl=self._ssl(upstream)
             ) as response:
                 if response.status in (401, 403):
                     raise Unauthorized(f"upstream {upstream.name}'s token service refused us")
@@ -199,7 +207,12 @@ class UpstreamClient:
             started = time.perf_counter()
             try:
                 response = await self.session.request(
-                    method, url, headers=sent, allow_redirects=False, timeout=_timeout(upstream)
+                    method,
+                    url,
+                    headers=sent,
+                    allow_redirects=False,
+                    timeout=_timeout(upstream),
+                    ssl=self._ssl(upstream),
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 # Refused, or no answer within the timeouts: mark upstream down at once, so
@@ -225,15 +238,15 @@ class UpstreamClient:
             location = response.headers.get("Location")
             response.release()
             if not location:
-                raise self._bad(upstream, "redirected nowhere")
+                raise self.bad(upstream, "redirected nowhere")
             url = url.join(URL(location))
             if url.scheme not in ("http", "https"):
-                raise self._bad(upstream, "redirected to a non-http URL")
+                raise self.bad(upstream, "redirected to a non-http URL")
             if response.status == 303:
                 method = "GET"
-        raise self._bad(upstream, "redirected too many times")
+        raise self.bad(upstream, "redirected too many times")
 
-    def _bad(self, upstream: UpstreamConfig, what: str) -> UpstreamBadResponse:
+    def bad(self, upstream: UpstreamConfig, what: str) -> UpstreamBadResponse:
         error = UpstreamBadResponse(f"upstream {upstream.name} {what}")
         self.count_error(upstream, error)
         return error

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.app import make_app
 from proxy.config import Config, parse_config
+from proxy.tls import server_context
 
 __all__ = ["FakeClock", "MakeMirror", "Mirror", "make_mirror"]
 
@@ -91,7 +92,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
         runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(config))
         await site.start()
         host, port = runner.addresses[0][:2]
         session = aiohttp.ClientSession(auto_decompress=False)

@@ -66,8 +66,10 @@ class Fault:
     status: int | None = None
     retry_after: int | str | None = None
     hang: bool = False
+    endless: bool = False  # 200 with a chunked body that never ends
     redirect: int | None = None
     redirect_to: RedirectTarget = "cdn"
+    redirect_location: str | None = None  # overrides redirect_to: any Location at all
 
     corrupt: bool = False
     reset_after: int | None = None
@@ -90,6 +92,7 @@ class Fault:
             for name, on in (
                 ("status", self.status is not None),
                 ("hang", self.hang),
+                ("endless", self.endless),
                 ("redirect", self.redirect is not None),
             )
             if on

@@ -27,6 +27,7 @@ from .faults import Fault, FaultTable
 from .records import RecordedRequest, TokenGrant
 from .serving import (
     LoopbackServer,
+    endless,
     error_response,
     fault_status_response,
     hang,
@@ -325,6 +326,11 @@ class FakeUpstream(LoopbackServer):
             return fault_status_response(fault)
         if fault.hang:
             return await hang(request, self.closing)
+        if fault.endless:
+            return await endless(request, self.closing)
+        if fault.redirect is not None and fault.redirect_location is not None:
+            headers = {"Location": fault.redirect_location}
+            return web.Response(status=fault.redirect, headers=headers)
         if fault.redirect is not None and digest is not None:
             if fault.redirect_to == "cdn":
                 location = self.cdn.location_for(digest)

@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
+import ssl
 import struct
 from typing import Any
 
@@ -42,6 +44,7 @@ class LoopbackServer:
 
     def __init__(self) -> None:
         self.closing = asyncio.Event()
+        self.ssl_context: ssl.SSLContext | None = None  # set before start() to serve https
         # Headers added to every response, e.g. Docker Hub's ratelimit-remaining.
         self.extra_headers: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
@@ -61,7 +64,7 @@ class LoopbackServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -99,7 +102,7 @@ class LoopbackServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}"
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         raise NotImplementedError
@@ -226,6 +229,19 @@ def flip_middle_byte(data: bytes) -> bytes:
         return data
     i = len(data) // 2
     return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+
+
+async def endless(request: web.BaseRequest, closing: asyncio.Event) -> web.StreamResponse:
+    """200 and a chunked body that goes on until the client or the server gives up."""
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    chunk = b"\xab" * 65536
+    with contextlib.suppress(ConnectionError):
+        while not closing.is_set():
+            await response.write(chunk)
+            await asyncio.sleep(0)
+    return response
 
 
 async def serve_bytes(
