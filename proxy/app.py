@@ -121,7 +121,9 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
         auto_decompress=False,
         # Bytes must arrive as upstream stored them, or their digests won't match.
         headers={"Accept-Encoding": "identity", "User-Agent": "pullthrough/0.1"},
-        connector=aiohttp.TCPConnector(limit=200, limit_per_host=64),
+        # The pool caps connections per upstream host (a CDN a blob redirects to is its own
+        # host), so one busy upstream can't take every socket.
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=app[CONFIG].upstream_connections),
     )
     app[SESSION] = session
     client = UpstreamClient(session, app[METRICS], TokenCache(), clock=clock)

@@ -98,6 +98,9 @@ def _serve(config: Config) -> int:
         host=config.listen_host,
         port=config.listen_port,
         shutdown_timeout=config.shutdown_grace,
+        # aiohttp closes a connection with no complete request by this deadline: the
+        # cut-off for idle clients and for slowloris (headers sent a byte at a time).
+        keepalive_timeout=config.client_timeout,
         ssl_context=server_context(config),
         access_log=None,  # proxy.observe writes the access log
         print=lambda message: logging.getLogger("pullthrough").info(message.strip()),

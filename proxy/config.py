@@ -181,6 +181,15 @@ class Config:
     )
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    client_timeout: float = field(
+        default=60.0,
+        metadata=_help(
+            "a client connection idle this long, or this slow to send a request, is cut"
+        ),
+    )
+    upstream_connections: int = field(
+        default=32, metadata=_help("concurrent connections to each upstream host")
+    )
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -260,6 +269,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         "warm",
         "auth",
         "tls",
+        "client_timeout",
+        "upstream_connections",
     }
     _reject_unknown(raw, known, "")
     version = raw.get("version", 1)
@@ -278,7 +289,15 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         warm=_parse_warm(raw.get("warm", [])),
         auth=_parse_auth(raw.get("auth", {})),
         tls=_parse_tls(raw.get("tls", {})),
+        client_timeout=parse_duration(raw.get("client_timeout", 60), "client_timeout"),
+        upstream_connections=_count(raw.get("upstream_connections", 32), "upstream_connections"),
     )
+
+
+def _count(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(path, "must be a whole number of at least 1")
+    return value
 
 
 def _parse_auth(raw: Any) -> AuthConfig:

@@ -89,7 +89,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
         config = parse_config({"upstreams": upstreams, "cache": cache, **raw}, env={})
         clock = FakeClock()
         app = make_app(config, clock=clock)
-        runner = web.AppRunner(app, handle_signals=False)
+        runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=config.client_timeout)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(config))

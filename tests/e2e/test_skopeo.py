@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e.skopeo import copy_to_dir, manifest_digest, raw_manifest, verify_dir
 from tests.mirror import MakeMirror, Mirror
+from tests.secrets import SECRET
 from tests.upstream.fixtures import UpstreamImages
 from tests.upstream.images import PushedImage, multi_layer_image, push_blob
 from tests.upstream.registry import RegistryProcess
@@ -153,8 +154,9 @@ async def test_upstream_credentials_buy_tokens_from_the_real_token_server(
         assert response.status == 401
         assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
 
-    mirror = await make_mirror([{**entry, "username": "pusher", "password": "pushpass"}])
+    registry.token_server.users = {**registry.token_server.users, "robot": SECRET}
+    mirror = await make_mirror([{**entry, "username": "robot", "password": SECRET}])
     dest = await copy_to_dir(f"{mirror.host}/private/app:v1", tmp_path / "copy")
     assert manifest_digest(dest) == image.digest
     outcomes = {(r.username, r.status) for r in registry.token_server.requests}
-    assert outcomes == {(None, 401), ("pusher", 200)}
+    assert outcomes == {(None, 401), ("robot", 200)}

@@ -11,6 +11,7 @@ import aiohttp
 
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror_process import mirror_processes
+from tests.secrets import SECRET
 from tests.upstream.fixtures import UpstreamImages
 from tests.upstream.registry import RegistryProcess
 
@@ -108,9 +109,9 @@ async def test_check_config_masks_secrets(tmp_path: Path) -> None:
     text = (tmp_path / "mirror.yaml").read_text()
     text = text.replace("default: true}", "default: true, username: bot, password: '${PW}'}")
     (tmp_path / "mirror.yaml").write_text(text)
-    code, out = await run("check-config", cwd=tmp_path, env={"PW": "s3cr3t-value"})
+    code, out = await run("check-config", cwd=tmp_path, env={"PW": SECRET})
     assert code == 0
-    assert "password: '***'" in out and "s3cr3t-value" not in out
+    assert "password: '***'" in out and SECRET not in out
     assert "manifest_ttl: 300.0" in out and "listen: 127.0.0.1:5998" in out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, Secret, load_config
+from tests.secrets import SECRET
 
 MINIMAL = """
 upstreams:
@@ -105,12 +106,12 @@ def test_sizes(tmp_path: Path) -> None:
 
 def test_secrets_come_from_the_environment_and_never_print(tmp_path: Path) -> None:
     text = MINIMAL + "    username: ${HUB_USER}\n    password: ${HUB_TOKEN}\n"
-    config = load_config(write(tmp_path, text), env={"HUB_USER": "me", "HUB_TOKEN": "t0ps3cret"})
+    config = load_config(write(tmp_path, text), env={"HUB_USER": "me", "HUB_TOKEN": SECRET})
     upstream = config.upstreams[0]
     assert upstream.username == "me"
-    assert upstream.password == Secret("t0ps3cret")
-    assert upstream.password is not None and upstream.password.reveal() == "t0ps3cret"
-    assert "t0ps3cret" not in repr(config) and "t0ps3cret" not in str(config)
+    assert upstream.password == Secret(SECRET)
+    assert upstream.password is not None and upstream.password.reveal() == SECRET
+    assert SECRET not in repr(config) and SECRET not in str(config)
     with pytest.raises(ConfigError, match=r"upstreams\[0\].password: environment variable"):
         load_config(write(tmp_path, text), env={"HUB_USER": "me"})
 

@@ -12,6 +12,7 @@ import pytest
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
+from tests.secrets import SECRET
 
 REPO = "library/app"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -183,7 +184,7 @@ async def test_no_secret_reaches_any_log_line_even_at_debug(
     import base64
 
     caplog.set_level(logging.DEBUG)
-    secret = "pw-VERY-SECRET-42"
+    secret = SECRET
     upstream = await make_fake_upstream(auth="dockerhub", credentials=("bot", secret))
     data = os.urandom(2000)
     digest = upstream.add_blob(REPO, data)

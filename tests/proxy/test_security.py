@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
@@ -21,6 +22,7 @@ from tests.e2e.skopeo import skopeo
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
+from tests.secrets import SECRET
 
 REPO = "library/app"
 
@@ -82,14 +84,14 @@ async def test_htpasswd_logins(
     digest = fake_upstream.add_blob(REPO, b"layer")
     mirror = await make_mirror(
         [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
-        auth={"htpasswd": htpasswd(tmp_path, {"alice": "wonderland"})},
+        auth={"htpasswd": htpasswd(tmp_path, {"alice": SECRET})},
     )
     async with mirror.get("/v2/") as response:
         assert response.status == 401
         assert response.headers["WWW-Authenticate"] == 'Basic realm="pullthrough"'
         assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
     wrong = {"Authorization": aiohttp.encode_basic_auth("alice", "nope")}
-    right = {"Authorization": aiohttp.encode_basic_auth("alice", "wonderland")}
+    right = {"Authorization": aiohttp.encode_basic_auth("alice", SECRET)}
     blob = f"/v2/app/blobs/{digest}"
     assert await status_of(mirror, blob, headers=wrong) == (401, "UNAUTHORIZED")
     assert await status_of(mirror, blob, headers=right) == (200, None)
@@ -104,10 +106,10 @@ async def test_a_real_client_logs_in(
     image = fake_upstream.add_image(REPO, "v1", layers=(os.urandom(1000),))
     mirror = await make_mirror(
         [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
-        auth={"htpasswd": htpasswd(tmp_path, {"bob": "builder"}), "metrics": True},
+        auth={"htpasswd": htpasswd(tmp_path, {"bob": SECRET}), "metrics": True},
     )
     out = await skopeo(
-        "inspect", "--tls-verify=false", "--creds", "bob:builder", "--raw",
+        "inspect", "--tls-verify=false", "--creds", f"bob:{SECRET}", "--raw",
         f"docker://{mirror.host}/app:v1",
     )  # fmt: skip
     assert out.encode() == image.manifest
@@ -253,3 +255,37 @@ async def test_oversized_request_lines_and_headers_are_4xx(
         status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
         writer.close()
         assert status.startswith(b"4"), (request[:40], status)
+
+
+async def test_idle_and_slowloris_clients_are_cut_off(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": fake_upstream.url, "default": True}], client_timeout=0.5
+    )
+    host, port = mirror.host.split(":")
+    loop = asyncio.get_running_loop()
+
+    async def seconds_until_closed(drip: bytes) -> float:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        started = loop.time()
+
+        async def trickle() -> None:  # one byte every 0.1 s: never a complete request
+            with contextlib.suppress(ConnectionError):
+                for byte in drip:
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.1)
+
+        dripping = asyncio.create_task(trickle())
+        try:
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            return loop.time() - started
+        finally:
+            dripping.cancel()
+            writer.close()
+
+    assert await seconds_until_closed(b"") < 2  # idle: says nothing at all
+    assert await seconds_until_closed(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: 12345") < 3
+    async with mirror.get("/v2/") as response:  # and ordinary clients are unaffected
+        assert response.status == 200

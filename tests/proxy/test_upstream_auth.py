@@ -11,6 +11,7 @@ from proxy.auth import TokenCache, parse_challenges
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
+from tests.secrets import SECRET
 
 REPO = "org/app"
 
@@ -42,15 +43,15 @@ async def test_anonymous_bearer_token_shapes(
 async def test_credentials_buy_the_token_and_never_reach_the_client(
     make_fake_upstream: MakeFakeUpstream, make_mirror: MakeMirror
 ) -> None:
-    upstream = await make_fake_upstream(auth="dockerhub", credentials=("robot", "s3cret-pw"))
+    upstream = await make_fake_upstream(auth="dockerhub", credentials=("robot", SECRET))
     data = os.urandom(5000)
     digest = upstream.add_blob(REPO, data)
-    mirror = await mirror_for(make_mirror, upstream, username="robot", password="s3cret-pw")
+    mirror = await mirror_for(make_mirror, upstream, username="robot", password=SECRET)
 
     async with mirror.get(f"/v2/ghcr.io/{REPO}/blobs/{digest}") as response:
         assert response.status == 200
         assert await response.read() == data
-        assert "s3cret" not in str(response.headers)
+        assert SECRET not in str(response.headers)
     assert upstream.token_grants[-1].username == "robot"
 
 
