@@ -144,3 +144,31 @@ async def test_console_script_reports_a_missing_config(tmp_path: Path) -> None:
     assert code == 2
     assert err.startswith("pullthrough: cannot read config 'absent.yaml'")
     assert "Traceback" not in err
+
+
+def test_every_setting_is_in_the_readme_reference() -> None:
+    from dataclasses import fields
+
+    from proxy import settings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    sections = {
+        "": settings.Config,
+        "cache.": settings.CacheConfig,
+        "upstreams[].": settings.UpstreamConfig,
+        "auth.": settings.AuthConfig,
+        "tls.": settings.TlsConfig,
+        "log.": settings.LogConfig,
+    }
+    renamed = {"listen_host": "listen", "listen_port": "listen"}
+    missing = []
+    for prefix, cls in sections.items():
+        for f in fields(cls):
+            if f.name in ("upstreams", "cache", "auth", "tls", "log"):
+                continue
+            name = prefix + renamed.get(f.name, f.name)
+            # Rows may pair settings ("`username` / `password`") under one prefix.
+            if f"`{name}`" not in readme and f"`{f.name}`" not in readme:
+                missing.append(name)
+            assert f.metadata.get("help"), f"{name} has no help text"
+    assert missing == []
