@@ -39,9 +39,26 @@ run: $(STAMP) ## serve mirror.yaml on 0.0.0.0:5000 with the cache in ./data
 test: $(STAMP) system-deps ## run the test suite against a real registry
 	$(PY) -m pytest
 
+# The benchmark (tests/bench/, ~6 min at the defaults; never part of `make test`).
+# Knobs: BENCH_IMAGE_MB, BENCH_REPS, BENCH_PHASES, BENCH_PROFILE ... (tests/bench/settings.py).
+BENCH_COMMANDS := nginx wrk curl
+BENCH_PACKAGES := nginx wrk curl
+
+bench-deps: ## install nginx, wrk and curl for the benchmark when missing
+	@missing=0; for c in $(BENCH_COMMANDS); do \
+		command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			$(BENCH_PACKAGES); \
+	fi
+
+bench: $(STAMP) system-deps bench-deps ## benchmark vs direct pulls, distribution's proxy and nginx
+	$(PY) -m tests.bench.run
+
 check: $(STAMP) ## ruff format --check, ruff check, mypy
 	$(VENV)/bin/ruff format --check proxy cache tests
 	$(VENV)/bin/ruff check proxy cache tests
 	$(VENV)/bin/mypy
 
-.PHONY: help install system-deps run test check
+.PHONY: help install system-deps run test check bench bench-deps

@@ -1,0 +1,590 @@
+"""``make bench``: ``.venv/bin/python -m tests.bench.run``.
+
+Starts everything on 127.0.0.1 itself (the token server and Debian's docker-registry as
+the upstream, our mirror, distribution's proxy mode as the peer, nginx), then runs:
+
+    check       a small image through direct, mirror and peer; the access log's size
+                field checked against a blob's body bytes
+    cold        per repetition a fresh image (new seed): skopeo direct, through the
+                mirror, through the peer (order rotated); time and upstream bytes
+    concurrent  per repetition a fresh image: N skopeo clients at once, mirror and peer
+    concurrent_curl  the same with N curl clients to /dev/null (info: the servers' side
+                without N skopeos hashing and writing to disk)
+    warm        the first cold image again: skopeo through mirror and peer; curl of the
+                4 layer files from the mirror and from nginx, in parallel and in sequence
+    manifests   wrk, 32 connections, by tag and by digest, mirror and peer
+
+Every timed run also records the CPU seconds of the mirror, the peer, the upstream and
+the clients, and the 1-minute load average when it started (the machine is shared).
+The mirror's and the peer's RSS is sampled every 50 ms per phase, and VmHWM is reset at
+the start of each phase. With BENCH_PROFILE=1 py-spy records the mirror. The table goes to
+stdout; the raw numbers to bench-results/bench-<timestamp>.json and latest.json.
+Exit status 0 when everything ran (targets may fail: see the table), 1 when the
+harness itself failed, 3 with BENCH_STRICT=1 when a target failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.metadata
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tests.bench import report
+from tests.bench.images import BenchImage, make_image
+from tests.bench.measure import (
+    DOCKER_ACCEPT,
+    MB,
+    CpuMeter,
+    Profiler,
+    RssSampler,
+    UpstreamLog,
+    curl_blobs,
+    settle_disk,
+    skopeo,
+    skopeo_many,
+    write_wrk_script,
+    wrk,
+)
+from tests.bench.peers import (
+    NGINX,
+    PULLTHROUGH,
+    Mirror,
+    Nginx,
+    Peer,
+    registry_pid,
+    start_upstream,
+)
+from tests.bench.settings import LAYERS, REPO_ROOT, Settings
+from tests.upstream.client import UpstreamClient
+from tests.upstream.registry import REGISTRY_BINARY, RegistryProcess
+from tests.upstream.token_server import TokenServer
+
+CURL_BYTES = 2_500_000_000  # bytes per warm curl measurement
+TOOLS = {
+    "skopeo": "skopeo",
+    "curl": "curl",
+    "wrk": "wrk",
+    NGINX: "nginx",
+    REGISTRY_BINARY: "docker-registry",
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rotate(items: list[str], n: int) -> list[str]:
+    """Each repetition starts with the next one, so no side always goes first."""
+    n %= len(items)
+    return items[n:] + items[:n]
+
+
+class Bench:
+    def __init__(
+        self,
+        settings: Settings,
+        work: Path,
+        raw: dict[str, Any],
+        token_server: TokenServer,
+        upstream: RegistryProcess,
+        mirror: Mirror,
+        peer: Peer,
+        nginx: Nginx,
+        sampler: RssSampler,
+        profiler: Profiler,
+    ) -> None:
+        self.s = settings
+        self.work = work
+        self.raw = raw
+        self.token_server = token_server
+        self.upstream = upstream
+        self.mirror = mirror
+        self.peer = peer
+        self.nginx = nginx
+        self.sampler = sampler
+        self.profiler = profiler
+        self.log = UpstreamLog(upstream)
+        self.cpu = CpuMeter(
+            {"mirror": mirror.pid, "peer": peer.pid, "upstream": registry_pid(upstream)}
+        )
+        self.hosts = {"direct": upstream.host, "mirror": mirror.host, "peer": peer.host}
+        self.warm_image: BenchImage | None = None
+        self.curl_urls: dict[str, tuple[list[str], dict[str, int]]] = {}
+
+    def image(self, name: str, layer_bytes: int | None = None) -> BenchImage:
+        log(f"building and pushing {name}")
+        img = make_image(
+            self.upstream,
+            self.token_server,
+            self.work / "build",
+            name,
+            layer_bytes or self.s.layer_bytes,
+            LAYERS,
+        )
+        self.raw["images"][name] = img.describe()
+        log(
+            f"  {img.size / MB:.1f} MB: built in {img.build_seconds:.1f} s,"
+            f" pushed in {img.push_seconds:.1f} s"
+        )
+        return img
+
+    def out(self, name: str) -> Path:
+        return self.work / "out" / name
+
+    # -- phases ----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Everything answers, anonymous pulls work through the peer, and the access
+        log's size field is the body bytes of a blob GET."""
+        img = self.image("bench-check", 1 << 20)
+        blob = img.layers[0]
+        client = UpstreamClient(self.upstream, self.token_server)
+        mark = self.log.mark()
+        body = client.get_blob(img.repo, blob.digest).body
+        head = client.request("HEAD", f"/v2/{img.repo}/blobs/{blob.digest}", img.repo)
+        traffic = self.log.since(mark)
+        gets = traffic.blob_gets
+        heads = [e for e in traffic.entries if e.method == "HEAD" and "/blobs/" in e.path]
+        sizes = {
+            "blob_size": blob.size,
+            "body_bytes": len(body),
+            "logged_get_size": gets[-1].size if gets else None,
+            "logged_head_size": heads[-1].size if heads else None,
+            "head_status": head.status,
+        }
+        if not (len(body) == blob.size == sizes["logged_get_size"]) or sizes["logged_head_size"]:
+            raise RuntimeError(f"the access log's size is not the body bytes: {sizes}")
+        self.raw["checks"]["access_log_size_is_body_bytes"] = sizes
+        for who, host in self.hosts.items():
+            seconds = skopeo(img.ref(host), self.out(f"check-{who}"), img.blobs)
+            self.raw["checks"][f"pull_{who}_seconds"] = round(seconds, 3)
+        self.raw["checks"]["peer_anonymous_pull"] = "ok"
+        log("checks passed: direct, mirror and anonymous peer pulls; log size = body bytes")
+
+    def cold(self) -> None:
+        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "mirror": [], "peer": []}
+        self.raw["cold"] = runs
+        for rep in range(self.s.reps):
+            img = self.image(f"bench-cold-{rep + 1}")
+            if self.warm_image is None:
+                self.warm_image = img
+            for who in rotate(["direct", "mirror", "peer"], rep):
+                self.log.settle()
+                mark, cpu, load = self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+                profile = self.profiler.record("cold") if who == "mirror" and rep == 0 else None
+                with profile or contextlib.nullcontext():
+                    seconds = skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
+                self.log.settle()
+                traffic = self.log.since(mark)
+                run = {
+                    "rep": rep + 1,
+                    "loadavg_1m": load,
+                    "cpu_seconds": self.cpu.since(cpu),
+                    "image": img.repo,
+                    "seconds": round(seconds, 4),
+                    "mb_per_s": round(img.size / seconds / MB, 2),
+                    "upstream_blob_bytes": traffic.blob_bytes,
+                    "image_bytes": img.size,
+                    "upstream_ratio": traffic.blob_bytes / img.size,
+                    "upstream_requests": traffic.summary(),
+                }
+                runs[who].append(run)
+                log(
+                    f"cold {who:6} rep {rep + 1}: {seconds:.2f} s, {run['mb_per_s']:.0f} MB/s,"
+                    f" upstream {run['upstream_ratio']:.3f}x"
+                )
+
+    def concurrent(self) -> None:
+        n = self.s.clients
+        runs: dict[str, list[dict[str, Any]]] = {"mirror": [], "peer": []}
+        self.raw["concurrent"] = runs
+        for rep in range(self.s.reps):
+            img = self.image(f"bench-many-{rep + 1}")
+            for who in rotate(["mirror", "peer"], rep):
+                self.log.settle()
+                mark, cpu, load = self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+                dests = [self.out(f"{who}-{i}") for i in range(n)]
+                profile = (
+                    self.profiler.record("concurrent") if who == "mirror" and rep == 0 else None
+                )
+                with profile or contextlib.nullcontext():
+                    wall, each = skopeo_many(img.ref(self.hosts[who]), dests, img.blobs)
+                self.log.settle()
+                traffic = self.log.since(mark)
+                run = {
+                    "rep": rep + 1,
+                    "loadavg_1m": load,
+                    "cpu_seconds": self.cpu.since(cpu),
+                    "image": img.repo,
+                    "clients": n,
+                    "wall_seconds": round(wall, 4),
+                    "client_seconds": [round(x, 4) for x in each],
+                    "upstream_blob_bytes": traffic.blob_bytes,
+                    "image_bytes": img.size,
+                    "upstream_ratio": traffic.blob_bytes / img.size,
+                    "upstream_requests": traffic.summary(),
+                }
+                runs[who].append(run)
+                log(
+                    f"{n} clients {who:6} rep {rep + 1}: {wall:.2f} s,"
+                    f" upstream {run['upstream_ratio']:.3f}x"
+                )
+
+    def ensure_warm_image(self) -> BenchImage:
+        """The first cold image (in both caches already), or a new one pulled through
+        both once when the cold phase was not run."""
+        if self.warm_image is None:
+            img = self.image("bench-warm")
+            for who in ("mirror", "peer"):
+                skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
+            self.warm_image = img
+        return self.warm_image
+
+    def warm(self) -> None:
+        img = self.ensure_warm_image()
+        warm: dict[str, dict[str, list[dict[str, Any]]]] = {
+            "skopeo": {"mirror": [], "peer": []},
+            "curl_parallel": {"mirror": [], "nginx": []},
+            "curl_sequential": {"mirror": [], "nginx": []},
+        }
+        self.raw["warm"] = warm
+        self.raw["warm_image"] = img.repo
+        for who in ("mirror", "peer"):  # unmeasured: the tag's TTL and the page cache
+            skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
+        for rep in range(self.s.reps):
+            for who in rotate(["mirror", "peer"], rep):
+                mark, cpu = self.log.mark(), self.cpu.snapshot()
+                profile = self.profiler.record("warm") if who == "mirror" and rep == 0 else None
+                with profile or contextlib.nullcontext():
+                    seconds = skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
+                traffic = self.log.since(mark)
+                warm["skopeo"][who].append(
+                    {
+                        "rep": rep + 1,
+                        "cpu_seconds": self.cpu.since(cpu),
+                        "seconds": round(seconds, 4),
+                        "mb_per_s": round(img.size / seconds / MB, 2),
+                        "upstream_requests": traffic.summary(),
+                    }
+                )
+                log(f"warm skopeo {who:6} rep {rep + 1}: {seconds:.2f} s")
+        # Each measurement moves ~CURL_BYTES, so that it lasts long enough to be steady.
+        layers = img.layers
+        total = sum(b.size for b in layers)
+        rounds = max(1, min(20, round(CURL_BYTES / total)))
+        self.raw["warm_curl_rounds"] = rounds
+        for who, base in (("mirror", self.mirror.url), ("nginx", self.nginx.url)):
+            urls = [f"{base}/v2/{img.repo}/blobs/{b.digest}" for b in layers]
+            sizes = {url: b.size for url, b in zip(urls, layers, strict=True)}
+            self.curl_urls[who] = (urls, sizes)
+        for mode in ("curl_parallel", "curl_sequential"):
+            for who in ("mirror", "nginx"):  # unmeasured warm-up
+                self.curl_warm(who, mode == "curl_parallel", 1)
+            for rep in range(max(self.s.reps, 5)):
+                for who in rotate(["mirror", "nginx"], rep):
+                    mark, cpu = self.log.mark(), self.cpu.snapshot()
+                    seconds = self.curl_warm(who, mode == "curl_parallel", rounds)
+                    traffic = self.log.since(mark)
+                    warm[mode][who].append(
+                        {
+                            "rep": rep + 1,
+                            "cpu_seconds": self.cpu.since(cpu),
+                            "seconds": round(seconds, 4),
+                            "bytes": total * rounds,
+                            "mb_per_s": round(total * rounds / seconds / MB, 2),
+                            "upstream_requests": traffic.summary(),
+                        }
+                    )
+                    rate = total * rounds / seconds / MB
+                    log(f"warm {mode} {who:6} rep {rep + 1}: {rate:.0f} MB/s")
+
+    def curl_warm(self, who: str, parallel: bool, rounds: int) -> float:
+        """The 4 layers ``rounds`` times: 4 curls at once (one per layer), or one curl."""
+        urls, sizes = self.curl_urls[who]
+        clients = [[url] * rounds for url in urls] if parallel else [urls * rounds]
+        return curl_blobs(clients, sizes)
+
+    def concurrent_curl(self) -> None:
+        """Like ``concurrent`` but the clients are curl to /dev/null (each GETs the config
+        and the layers in turn): the servers' side, without 8 skopeos writing to disk."""
+        n = self.s.clients
+        runs: dict[str, list[dict[str, Any]]] = {"mirror": [], "peer": []}
+        self.raw["concurrent_curl"] = runs
+        for rep in range(self.s.reps):
+            img = self.image(f"bench-many-curl-{rep + 1}")
+            for who in rotate(["mirror", "peer"], rep):
+                base = f"http://{self.hosts[who]}"
+                urls = [f"{base}/v2/{img.repo}/blobs/{b.digest}" for b in img.blobs]
+                sizes = {url: b.size for url, b in zip(urls, img.blobs, strict=True)}
+                self.log.settle()
+                settle_disk()
+                mark, cpu, load = self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+                wall = curl_blobs([urls] * n, sizes)
+                self.log.settle()
+                traffic = self.log.since(mark)
+                run = {
+                    "rep": rep + 1,
+                    "loadavg_1m": load,
+                    "cpu_seconds": self.cpu.since(cpu),
+                    "image": img.repo,
+                    "clients": n,
+                    "wall_seconds": round(wall, 4),
+                    "upstream_blob_bytes": traffic.blob_bytes,
+                    "image_bytes": img.size,
+                    "upstream_ratio": traffic.blob_bytes / img.size,
+                    "upstream_requests": traffic.summary(),
+                }
+                runs[who].append(run)
+                log(
+                    f"{n} curl clients {who:6} rep {rep + 1}: {wall:.2f} s,"
+                    f" upstream {run['upstream_ratio']:.3f}x"
+                )
+
+    def manifests(self) -> None:
+        img = self.ensure_warm_image()
+        script = write_wrk_script(self.work / "docker-accept.lua")
+        results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.raw["manifests"] = results
+        ports = {"mirror": self.mirror.port, "peer": self.peer.port}
+        for kind, reference in (("tag", img.tag), ("digest", img.digest)):
+            results[kind] = {"mirror": [], "peer": []}
+            path = f"/v2/{img.repo}/manifests/{reference}"
+            for port in ports.values():
+                _check_manifest(port, path, img.digest)  # also refreshes the tag
+                wrk(f"http://127.0.0.1:{port}{path}", script, self.s.connections, 1)  # warm-up
+            for rep in range(self.s.reps):
+                for who in rotate(["mirror", "peer"], rep):
+                    url = f"http://127.0.0.1:{ports[who]}{path}"
+                    profile = (
+                        self.profiler.record(f"manifest-{kind}")
+                        if who == "mirror" and rep == 0
+                        else None
+                    )
+                    cpu = self.cpu.snapshot()
+                    with profile or contextlib.nullcontext():
+                        load = wrk(url, script, self.s.connections, self.s.load_seconds)
+                    used = self.cpu.since(cpu)
+                    results[kind][who].append(
+                        {
+                            "rep": rep + 1,
+                            **load.as_dict(),
+                            "cpu_seconds": used,
+                            "server_cpu_us_per_request": round(
+                                used[who] / max(load.requests, 1) * 1e6, 1
+                            ),
+                        }
+                    )
+                    log(f"manifest by {kind:6} {who:6} rep {rep + 1}: {load.rps:.0f} req/s")
+
+
+def _check_manifest(port: int, path: str, digest: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Accept": DOCKER_ACCEPT})
+        resp = conn.getresponse()
+        resp.read()
+        got = resp.getheader("Docker-Content-Digest")
+        if resp.status != 200 or got != digest:
+            raise RuntimeError(f"GET {path} on :{port}: {resp.status}, digest {got}")
+    finally:
+        conn.close()
+
+
+# -- environment ---------------------------------------------------------------------
+
+
+def _cmd(*argv: str) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unavailable"
+
+
+def environment(work: Path) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    dirty = _cmd("git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "proxy", "cache")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": importlib.metadata.version("aiohttp"),
+        "pullthrough": importlib.metadata.version("pullthrough"),
+        "git_commit": _cmd("git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"),
+        "proxy_cache_uncommitted_changes": dirty not in ("", "unavailable"),
+        "docker_registry": _cmd(REGISTRY_BINARY, "--version"),
+        "skopeo": _cmd("skopeo", "--version"),
+        "nginx": _cmd(NGINX, "-v"),
+        "wrk": _cmd("wrk", "-v"),
+        "curl": _cmd("curl", "--version"),
+        "filesystem": _cmd("findmnt", "-no", "FSTYPE,SOURCE", "--target", str(work.parent)),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def _missing_tools() -> list[str]:
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    if not PULLTHROUGH.exists():
+        missing.append("pullthrough (make install)")
+    return missing
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    missing = _missing_tools()
+    if missing:
+        print(f"bench: missing {', '.join(missing)}; apt-get install them", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    work = settings.out_dir / f".work-{stamp}"
+    work.mkdir(parents=True)
+    raw: dict[str, Any] = {
+        "timestamp": stamp,
+        "settings": {
+            "image_mib": settings.image_mb,
+            "layers": LAYERS,
+            "layer_payload_bytes": settings.layer_bytes,
+            "reps": settings.reps,
+            "clients": settings.clients,
+            "connections": settings.connections,
+            "load_seconds": settings.load_seconds,
+            "nginx_workers": settings.nginx_workers,
+            "mirror_config": "defaults (manifest_ttl 5 min), cache max_size 50GiB",
+            "peer_config": "docker-registry proxy mode, anonymous, blobdescriptor inmemory",
+            "phases": list(settings.phases),
+            "mirror_env": settings.mirror_env,
+        },
+        "environment": environment(work),
+        "checks": {},
+        "images": {},
+        "phase_seconds": {},
+    }
+    log(
+        f"{settings.image_mb} MiB images in {LAYERS} layers, {settings.reps} reps,"
+        f" {settings.clients} clients, work dir {work}"
+    )
+    started = time.perf_counter()
+    failed = False
+    mirror: Mirror | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            token_server, upstream = start_upstream(work)
+            stack.callback(token_server.close)
+            stack.callback(upstream.close)
+            mirror = Mirror(work / "mirror", upstream.url)
+            mirror.start(env=settings.mirror_env)
+            stack.callback(mirror.stop)
+            peer = Peer(work / "peer", upstream)
+            peer.start()  # after the upstream: it panics when the upstream is unreachable
+            stack.callback(peer.close)
+            nginx = Nginx(work / "nginx", mirror.cache_dir / "blobs", settings.nginx_workers)
+            nginx.start()
+            stack.callback(nginx.stop)
+            raw["pids"] = {"mirror": mirror.pid, "peer": peer.pid, "nginx": nginx.pid}
+            sampler = RssSampler({"mirror": mirror.pid, "peer": peer.pid}).start()
+            stack.callback(sampler.stop)
+            profiler = Profiler(mirror.pid, settings.out_dir / f"profile-{stamp}")
+            bench = Bench(
+                settings, work, raw, token_server, upstream, mirror, peer, nginx, sampler, profiler
+            )
+            try:
+                phases = {
+                    "check": bench.check,
+                    "cold": bench.cold,
+                    "concurrent": bench.concurrent,
+                    "concurrent_curl": bench.concurrent_curl,
+                    "warm": bench.warm,
+                    "manifests": bench.manifests,
+                }
+                for name, phase in phases.items():
+                    if name != "check" and name not in settings.phases:
+                        continue
+                    phase_started = time.perf_counter()
+                    with sampler.phase(name):
+                        phase()
+                    raw["phase_seconds"][name] = round(time.perf_counter() - phase_started, 1)
+            finally:
+                raw["rss"] = sampler.report()
+                raw["profiles"] = profiler.files
+                log_text = mirror.log_path.read_text(errors="replace")
+                raw["mirror_log"] = {
+                    "lines": log_text.count("\n"),
+                    "errors": sum(
+                        1
+                        for line in log_text.splitlines()
+                        if " ERROR " in line or '"ERROR"' in line or "Traceback" in line
+                    ),
+                }
+    except BaseException as exc:
+        failed = True
+        raw["error"] = "".join(traceback.format_exception(exc))
+        log(f"FAILED: {exc!r}")
+        if mirror is not None:
+            log(f"mirror log tail:\n{mirror.log_tail()}")
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        raw["environment"]["loadavg_end"] = os.getloadavg()
+        raw["total_seconds"] = round(time.perf_counter() - started, 1)
+        summary = report.summarize(raw)
+        checks = report.targets(raw, summary)
+        raw["summary"] = summary
+        raw["targets"] = [t.as_dict() for t in checks]
+        path = report.write(raw, settings.out_dir, stamp)
+        if failed or settings.keep:
+            log(f"work dir kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    env = raw["environment"]
+    print()
+    print(
+        f"pullthrough benchmark {stamp}: {settings.image_mb} MiB image in {LAYERS} layers,"
+        f" median of {settings.reps}, {settings.clients} concurrent clients,"
+        f" {settings.connections} connections"
+    )
+    print(
+        f"{env['cores']} cores ({env['cpu']}), {env['memory_gib']} GiB, Linux {env['kernel']},"
+        f" Python {env['python']}, aiohttp {env['aiohttp']}, commit {env['git_commit']}"
+        f"{' + uncommitted proxy/cache changes' if env['proxy_cache_uncommitted_changes'] else ''}"
+    )
+    print(f"peer: {env['docker_registry']} proxy mode; {env['nginx']}; {env['skopeo']}")
+    print()
+    print(report.table(raw, summary, checks))
+    print(
+        f"\nraw numbers: {path} (and {path.parent / 'latest.json'}); took {raw['total_seconds']} s"
+    )
+    if failed:
+        return 1
+    if os.environ.get("BENCH_STRICT") == "1" and not all(t.passed for t in checks):
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
