@@ -73,7 +73,7 @@ class Fill:
         if not self.passthrough:
             try:
                 # Hashing and writing release the GIL: a worker thread keeps the loop free.
-                await loop.run_in_executor(None, self._write, chunk)
+                await loop.run_in_executor(None, self._write, chunk, self.on_disk)
                 self.on_disk += len(chunk)
             except OSError as exc:
                 if exc.errno not in DISK_FULL:
@@ -87,10 +87,13 @@ class Fill:
         if self.passthrough:
             await self._wait_for_readers()
 
-    def _write(self, chunk: bytes) -> None:
+    def _write(self, chunk: bytes, offset: int) -> None:
+        # pwrite at an explicit offset: readers share this file description (dup) and
+        # sendfile moves its position, so the position must never matter.
         view = memoryview(chunk)
         while view:
-            view = view[os.write(self.fd, view) :]
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
         self._hasher.update(chunk)
 
     def go_passthrough(self) -> None:
@@ -178,51 +181,58 @@ class Fill:
         return None
 
 
-async def read_range(
-    fd: int, start: int, stop: int, fill: Fill | None = None
-) -> AsyncIterator[bytes]:
-    """Yield bytes [start, stop) of an open blob file, following `fill` while it grows."""
+Span = tuple[int, int] | bytes  # (offset, length) in the blob file, or bytes held in memory
+
+
+async def spans(start: int, stop: int, fill: Fill | None = None) -> AsyncIterator[Span]:
+    """What to send of bytes [start, stop), in order, as soon as it may be sent: ranges of
+    the file (which a caller can hand to sendfile) or, for a pass-through fill, bytes in
+    memory. While the fill is unverified, the last byte is held back (see module doc)."""
     if fill is None:
-        async for data in _read_file(fd, start, stop):
-            yield data
+        if start < stop:
+            yield (start, stop - start)
         return
     reader = fill.attach(start)
     try:
-        async for data in _follow(fd, start, stop, fill, reader):
-            yield data
+        pos = start
+        while pos < stop:
+            limit = stop
+            if not fill.verified:
+                if fill.error is not None:
+                    raise FillFailed(f"download of {fill.digest} failed: {fill.error}")
+                limit = min(stop - 1, fill.written)
+                if pos >= limit:
+                    await fill.wait_change()
+                    continue
+            span: Span
+            if pos < fill.on_disk:
+                span = (pos, min(limit, fill.on_disk) - pos)
+                pos += span[1]
+            else:
+                data = fill.in_memory(pos, limit - pos)
+                if not data:
+                    raise FillFailed(f"lost bytes at {pos} of {fill.digest}")
+                span, pos = data, pos + len(data)
+            yield span
+            fill.advance(reader, pos)
     finally:
         fill.detach(reader)
 
 
-async def _read_file(fd: int, start: int, stop: int) -> AsyncIterator[bytes]:
-    pos = start
-    while pos < stop:
-        # Page-cached reads are fast enough to stay on the loop (FACTS.md: blocking 1 MiB
-        # reads match nginx's sendfile); a thread hop per MiB costs more.
-        data = os.pread(fd, min(READ_CHUNK, stop - pos), pos)
-        if not data:
-            raise FillFailed(f"blob file ended at {pos} of {stop} bytes")
-        pos += len(data)
-        yield data
-
-
-async def _follow(fd: int, start: int, stop: int, fill: Fill, reader: int) -> AsyncIterator[bytes]:
-    pos = start
-    while pos < stop:
-        limit = stop
-        if not fill.verified:
-            if fill.error is not None:
-                raise FillFailed(f"download of {fill.digest} failed: {fill.error}")
-            limit = min(stop - 1, fill.written)  # hold back the last byte (see module doc)
-            if pos >= limit:
-                await fill.wait_change()
-                continue
-        n = min(READ_CHUNK, limit - pos)
-        data = fill.in_memory(pos, n)
-        if data is None and pos < fill.on_disk:
-            data = os.pread(fd, min(n, fill.on_disk - pos), pos)
-        if not data:
-            raise FillFailed(f"lost bytes at {pos} of {fill.digest}")
-        pos += len(data)
-        fill.advance(reader, pos)
-        yield data
+async def read_range(
+    fd: int, start: int, stop: int, fill: Fill | None = None
+) -> AsyncIterator[bytes]:
+    """Bytes [start, stop) of an open blob file, following `fill` while it grows."""
+    async for span in spans(start, stop, fill):
+        if isinstance(span, bytes):
+            yield span
+            continue
+        pos, end = span[0], span[0] + span[1]
+        while pos < end:
+            # Page-cached reads are fast enough to stay on the loop (FACTS.md: blocking
+            # 1 MiB reads match nginx's sendfile); a thread hop per MiB costs more.
+            data = os.pread(fd, min(READ_CHUNK, end - pos), pos)
+            if not data:
+                raise FillFailed(f"blob file ended at {pos} of {end} bytes")
+            pos += len(data)
+            yield data

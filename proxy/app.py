@@ -121,6 +121,9 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
         auto_decompress=False,
         # Bytes must arrive as upstream stored them, or their digests won't match.
         headers={"Accept-Encoding": "identity", "User-Agent": "pullthrough/0.1"},
+        # With the default 64 KiB, aiohttp pauses and resumes the upstream socket every
+        # 128 KiB; a bigger buffer lets 1 MiB reads fill without that churn.
+        read_bufsize=1 << 20,
         # The pool caps connections per upstream host (a CDN a blob redirects to is its own
         # host), so one busy upstream can't take every socket.
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=app[CONFIG].upstream_connections),

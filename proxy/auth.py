@@ -11,13 +11,14 @@ The shapes seen in the wild, all handled by one parser:
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 from cachetools import TLRUCache
+
+from proxy.coalesce import Coalescer
 
 # RFC 9110 token and quoted-string; a challenge is `scheme` followed by `k=v` pairs.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -83,7 +84,7 @@ class TokenCache:
         self._tokens: TLRUCache[Hashable, Token] = TLRUCache(
             maxsize, ttu=lambda _key, token, _now: token.expires_at, timer=clock
         )
-        self._fetching: dict[Hashable, asyncio.Future[str]] = {}
+        self._fetching: Coalescer[str] = Coalescer()
 
     def get(self, key: Hashable) -> str | None:
         token = self._tokens.get(key)
@@ -102,23 +103,11 @@ class TokenCache:
         cached = self.get(key)
         if cached is not None:
             return cached
-        pending = self._fetching.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._fetching[key] = future
-        try:
+
+        async def fetch_and_keep() -> str:
             value, expires_in = await fetch()
             lifetime = max(expires_in, MIN_TOKEN_LIFETIME)
             self._tokens[key] = Token(value, self.clock() + lifetime)
-            future.set_result(value)
             return value
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so no "never retrieved" warning without waiters
-            raise
-        finally:
-            del self._fetching[key]
+
+        return await self._fetching.run(key, fetch_and_keep)

@@ -26,6 +26,7 @@ from cache.digests import Digest
 from cache.errors import InvalidDigest
 from cache.index import TagRow
 from cache.store import Cache
+from proxy.coalesce import Coalescer
 from proxy.errors import (
     ManifestTooLarge,
     ManifestUnknown,
@@ -86,6 +87,7 @@ class ManifestService:
         self.client = client
         self.metrics = metrics
         self.clock = clock
+        self._fetching: Coalescer[Manifest] = Coalescer()
 
     async def get(self, target: Target, reference: str | Digest, accept: Accept) -> Manifest:
         if isinstance(reference, Digest):
@@ -159,6 +161,12 @@ class ManifestService:
             return None  # no usable digest: the caller will GET
 
     async def _fetch(self, target: Target, reference: str, accept: Accept) -> Manifest:
+        """GET from upstream; concurrent misses for one manifest share one request (each
+        counts against Docker Hub's pull limit)."""
+        key = (target.upstream.name, target.repo, reference, accept.header)
+        return await self._fetching.run(key, lambda: self._fetch_once(target, reference, accept))
+
+    async def _fetch_once(self, target: Target, reference: str, accept: Accept) -> Manifest:
         response = await self._request(target, "GET", reference, accept)
         async with response:
             if (response.content_length or 0) > MAX_MANIFEST_SIZE:

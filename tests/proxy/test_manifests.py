@@ -139,3 +139,21 @@ async def test_oversized_manifest_is_rejected_and_not_cached(
     assert status == 502
     assert json.loads(body)["errors"][0]["code"] == "MANIFEST_INVALID"
     assert digest not in mirror.stored_blobs()
+
+
+async def test_concurrent_misses_share_one_upstream_get(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    import asyncio
+
+    data = manifest_bytes(7)
+    fake_upstream.add_manifest(REPO, "v1", data, OCI_MANIFEST)
+    gate = fake_upstream.set_fault("v1", Fault(gate_after=10))
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    clients = [asyncio.create_task(get(mirror, "v1")) for _ in range(8)]
+    await asyncio.wait_for(gate.gate_reached.wait(), 5)
+    await asyncio.sleep(0.1)
+    gate.gate.set()
+    results = await asyncio.gather(*clients)
+    assert [(status, body) for status, _, body in results] == [(200, data)] * 8
+    assert upstream_manifest_requests(fake_upstream) == ["GET"]
