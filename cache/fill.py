@@ -20,7 +20,7 @@ import errno
 import itertools
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +142,6 @@ class Fill:
     async def wait_started(self) -> None:
         await asyncio.shield(self._started)
 
-    async def wait_verified(self) -> None:
-        while not self.done:
-            await self.wait_change()
-        if self.error is not None:
-            raise self.error
-
     async def wait_change(self) -> None:
         await asyncio.shield(self._changed)
 
@@ -226,13 +220,21 @@ async def read_range(
     async for span in spans(start, stop, fill):
         if isinstance(span, bytes):
             yield span
-            continue
-        pos, end = span[0], span[0] + span[1]
-        while pos < end:
-            # Page-cached reads are fast enough to stay on the loop (FACTS.md: blocking
-            # 1 MiB reads match nginx's sendfile); a thread hop per MiB costs more.
-            data = os.pread(fd, min(READ_CHUNK, end - pos), pos)
-            if not data:
-                raise FillFailed(f"blob file ended at {pos} of {end} bytes")
-            pos += len(data)
-            yield data
+        else:
+            for data in read_span(fd, span):
+                yield data
+
+
+def read_span(fd: int, span: tuple[int, int]) -> Iterator[bytes]:
+    """The bytes of a file span, READ_CHUNK at a time.
+
+    Page-cached reads are fast enough to stay on the loop (FACTS.md: blocking 1 MiB reads
+    match nginx's sendfile); a thread hop per MiB would cost more.
+    """
+    pos, end = span[0], span[0] + span[1]
+    while pos < end:
+        data = os.pread(fd, min(READ_CHUNK, end - pos), pos)
+        if not data:
+            raise FillFailed(f"blob file ended at {pos} of {end} bytes")
+        pos += len(data)
+        yield data

@@ -172,16 +172,6 @@ class Index:
             ]
         )
 
-    async def link_repo(self, upstream: str, repo: str, digest: str) -> None:
-        await self._write(
-            [
-                (
-                    "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
-                    (upstream, repo, digest),
-                )
-            ]
-        )
-
     async def get_blob(self, digest: str) -> BlobRow | None:
         async with self.db.execute(
             "SELECT digest, size, media_type FROM blobs WHERE digest = ?", (digest,)

@@ -17,7 +17,7 @@ import os
 from aiohttp import web
 
 from cache.errors import FillFailed
-from cache.fill import READ_CHUNK, spans
+from cache.fill import read_span, spans
 from cache.store import OpenBlob
 from proxy.observe import BODY_BYTES
 from proxy.ranges import parse_range
@@ -78,17 +78,6 @@ async def _send(
                 if sent < part[1]:
                     raise ConnectionResetError("the client stopped reading")
             else:
-                await _write_from_file(request, response, blob.fd, part)
-
-
-async def _write_from_file(
-    request: web.Request, response: web.StreamResponse, fd: int, part: tuple[int, int]
-) -> None:
-    pos, end = part[0], part[0] + part[1]
-    while pos < end:
-        data = os.pread(fd, min(READ_CHUNK, end - pos), pos)
-        if not data:
-            raise FillFailed(f"blob file ended at {pos} of {end} bytes")
-        await response.write(data)
-        pos += len(data)
-        request[BODY_BYTES] += len(data)
+                for data in read_span(blob.fd, part):
+                    await response.write(data)
+                    request[BODY_BYTES] += len(data)
