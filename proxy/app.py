@@ -22,7 +22,7 @@ from proxy import handlers
 from proxy.access import authenticator
 from proxy.auth import TokenCache
 from proxy.blobs import BlobService
-from proxy.config import Config
+from proxy.config import CacheConfig, Config
 from proxy.errors import error_middleware
 from proxy.keys import (
     BLOBS,
@@ -101,12 +101,17 @@ async def _api_version_header(request: web.Request, response: web.StreamResponse
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
 
 
+def new_cache(settings: CacheConfig, clock: Callable[[], float] = time.time) -> Cache:
+    """The cache a config describes (not yet opened)."""
+    budget = Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
+    return Cache(settings.path, budget, clock=clock)
+
+
 async def _cache(
     app: web.Application, clock: Callable[[], float], serving: bool
 ) -> AsyncIterator[None]:
     settings = app[CONFIG].cache
-    budget = Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
-    cache = Cache(settings.path, budget, clock=clock)
+    cache = new_cache(settings, clock)
     await cache.open(clear_debris=serving)
     app[CACHE] = cache
     metrics = app[METRICS]

@@ -27,9 +27,9 @@ from aiohttp import web
 
 from cache.eviction import Evictor
 from cache.integrity import Report, fsck, reconcile
-from cache.store import Budget, Cache
+from cache.store import Cache
 from proxy import logs
-from proxy.app import make_app
+from proxy.app import make_app, new_cache
 from proxy.config import (
     Config,
     ConfigError,
@@ -136,10 +136,7 @@ async def _warm(config: Config, args: argparse.Namespace) -> int:
 async def _open_cache(config: Config) -> AsyncIterator[Cache]:
     if not (config.cache.path / "index.db").exists():
         raise UsageError(f"no cache at {config.cache.path}")
-    settings = config.cache
-    cache = Cache(
-        settings.path, Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
-    )
+    cache = new_cache(config.cache)
     await cache.open(clear_debris=False)  # a server may be running on this cache
     try:
         yield cache

@@ -121,6 +121,27 @@ class Bench:
         self.warm_image: BenchImage | None = None
         self.curl_urls: dict[str, tuple[list[str], dict[str, int]]] = {}
 
+    def _begin(self) -> tuple[Any, Any, float]:
+        """Start measuring a pull: the upstream log position, CPU times, load average."""
+        self.log.settle()
+        return self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+
+    def _finish(self, rep: int, begun: tuple[Any, Any, float], img: BenchImage) -> dict[str, Any]:
+        """The fields every pull measurement records: CPU, load and upstream traffic."""
+        mark, cpu, load = begun
+        self.log.settle()
+        traffic = self.log.since(mark)
+        return {
+            "rep": rep + 1,
+            "loadavg_1m": load,
+            "cpu_seconds": self.cpu.since(cpu),
+            "image": img.repo,
+            "upstream_blob_bytes": traffic.blob_bytes,
+            "image_bytes": img.size,
+            "upstream_ratio": traffic.blob_bytes / img.size,
+            "upstream_requests": traffic.summary(),
+        }
+
     def image(self, name: str, layer_bytes: int | None = None) -> BenchImage:
         log(f"building and pushing {name}")
         img = make_image(
@@ -179,24 +200,13 @@ class Bench:
             if self.warm_image is None:
                 self.warm_image = img
             for who in rotate(["direct", "mirror", "peer"], rep):
-                self.log.settle()
-                mark, cpu, load = self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+                begun = self._begin()
                 profile = self.profiler.record("cold") if who == "mirror" and rep == 0 else None
                 with profile or contextlib.nullcontext():
                     seconds = skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
-                self.log.settle()
-                traffic = self.log.since(mark)
-                run = {
-                    "rep": rep + 1,
-                    "loadavg_1m": load,
-                    "cpu_seconds": self.cpu.since(cpu),
-                    "image": img.repo,
+                run = self._finish(rep, begun, img) | {
                     "seconds": round(seconds, 4),
                     "mb_per_s": round(img.size / seconds / MB, 2),
-                    "upstream_blob_bytes": traffic.blob_bytes,
-                    "image_bytes": img.size,
-                    "upstream_ratio": traffic.blob_bytes / img.size,
-                    "upstream_requests": traffic.summary(),
                 }
                 runs[who].append(run)
                 log(
@@ -211,28 +221,17 @@ class Bench:
         for rep in range(self.s.reps):
             img = self.image(f"bench-many-{rep + 1}")
             for who in rotate(["mirror", "peer"], rep):
-                self.log.settle()
-                mark, cpu, load = self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+                begun = self._begin()
                 dests = [self.out(f"{who}-{i}") for i in range(n)]
                 profile = (
                     self.profiler.record("concurrent") if who == "mirror" and rep == 0 else None
                 )
                 with profile or contextlib.nullcontext():
                     wall, each = skopeo_many(img.ref(self.hosts[who]), dests, img.blobs)
-                self.log.settle()
-                traffic = self.log.since(mark)
-                run = {
-                    "rep": rep + 1,
-                    "loadavg_1m": load,
-                    "cpu_seconds": self.cpu.since(cpu),
-                    "image": img.repo,
+                run = self._finish(rep, begun, img) | {
                     "clients": n,
                     "wall_seconds": round(wall, 4),
                     "client_seconds": [round(x, 4) for x in each],
-                    "upstream_blob_bytes": traffic.blob_bytes,
-                    "image_bytes": img.size,
-                    "upstream_ratio": traffic.blob_bytes / img.size,
-                    "upstream_requests": traffic.summary(),
                 }
                 runs[who].append(run)
                 log(
@@ -326,24 +325,10 @@ class Bench:
                 base = f"http://{self.hosts[who]}"
                 urls = [f"{base}/v2/{img.repo}/blobs/{b.digest}" for b in img.blobs]
                 sizes = {url: b.size for url, b in zip(urls, img.blobs, strict=True)}
-                self.log.settle()
                 settle_disk()
-                mark, cpu, load = self.log.mark(), self.cpu.snapshot(), os.getloadavg()[0]
+                begun = self._begin()
                 wall = curl_blobs([urls] * n, sizes)
-                self.log.settle()
-                traffic = self.log.since(mark)
-                run = {
-                    "rep": rep + 1,
-                    "loadavg_1m": load,
-                    "cpu_seconds": self.cpu.since(cpu),
-                    "image": img.repo,
-                    "clients": n,
-                    "wall_seconds": round(wall, 4),
-                    "upstream_blob_bytes": traffic.blob_bytes,
-                    "image_bytes": img.size,
-                    "upstream_ratio": traffic.blob_bytes / img.size,
-                    "upstream_requests": traffic.summary(),
-                }
+                run = self._finish(rep, begun, img) | {"clients": n, "wall_seconds": round(wall, 4)}
                 runs[who].append(run)
                 log(
                     f"{n} curl clients {who:6} rep {rep + 1}: {wall:.2f} s,"
