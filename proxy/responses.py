@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import BinaryIO
 
 from aiohttp import web
 
@@ -73,7 +74,7 @@ async def _send(
                 await response.write(part)
                 request[BODY_BYTES] += len(part)
             elif zero_copy and transport is not None:
-                sent = await loop.sendfile(transport, file, part[0], part[1], fallback=False)
+                sent = await _sendfile(loop, transport, file, part)
                 request[BODY_BYTES] += sent
                 if sent < part[1]:
                     raise ConnectionResetError("the client stopped reading")
@@ -81,3 +82,21 @@ async def _send(
                 for data in read_span(blob.fd, part):
                     await response.write(data)
                     request[BODY_BYTES] += len(data)
+
+
+async def _sendfile(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.BaseTransport,
+    file: BinaryIO,
+    part: tuple[int, int],
+) -> int:
+    """loop.sendfile, where a client that already hung up is a ConnectionResetError like
+    on every other write (asyncio says RuntimeError "Transport is closing")."""
+    if transport.is_closing():
+        raise ConnectionResetError("the client closed the connection")
+    try:
+        return await loop.sendfile(transport, file, part[0], part[1], fallback=False)  # type: ignore[arg-type]
+    except RuntimeError:
+        if transport.is_closing():
+            raise ConnectionResetError("the client closed the connection") from None
+        raise
