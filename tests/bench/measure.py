@@ -225,15 +225,51 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid``: from /proc/PID/task/*/children, or, on kernels
+    without that file, from every process's parent PID."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    children: list[int] = []
+    try:
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        return children
+    except FileNotFoundError:
+        pass
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError), open(f"/proc/{entry}/stat") as f:
+            if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:  # ppid
+                children.append(int(entry))
+    return children
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of a process and its live children: an nginx master does nothing,
+    its workers (and cache manager) do the work, and they are not reaped until the end."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_seconds(child) or 0.0 for child in child_pids(pid))
+
+
 class CpuMeter:
     """CPU seconds spent by the servers (by PID) and by the clients we ran and reaped
-    (skopeo, curl, wrk: RUSAGE_CHILDREN) between ``snapshot()`` and ``since()``."""
+    (skopeo, curl, wrk: RUSAGE_CHILDREN) between ``snapshot()`` and ``since()``.
+    ``trees`` are masters whose children's CPU counts as theirs (nginx)."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], trees: dict[str, int] | None = None) -> None:
         self.pids = pids
+        self.trees = trees or {}
 
     def snapshot(self) -> dict[str, float]:
         snap = {name: cpu_seconds(pid) or 0.0 for name, pid in self.pids.items()}
+        snap |= {name: tree_cpu_seconds(pid) or 0.0 for name, pid in self.trees.items()}
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         snap["clients"] = usage.ru_utime + usage.ru_stime
         return snap

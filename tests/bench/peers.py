@@ -6,6 +6,9 @@
   upstream is unreachable, so start it after the upstream.
 - ``Nginx``: the physical limit, serving the mirror's committed blob files with sendfile
   under the registry's blob URL, ``/v2/<name>/blobs/sha256:<hex>``.
+- ``Relay``: the physical limit of a caching hop, a second nginx with ``proxy_cache``
+  in front of the upstream. It caches to disk and checks no digests, so it does the
+  least a pull-through cache can do; nginx is C, so what it costs is the machine's.
 """
 
 from __future__ import annotations
@@ -188,19 +191,10 @@ class Peer(RegistryProcess):
         )
 
 
-class Nginx(_Process):
-    """nginx with sendfile, serving ``blob_root``/sha256/<xx>/<hex> as registry blob URLs."""
-
-    name = "nginx"
-    ready_path = "/nginx-ready"
-
-    def __init__(self, workdir: Path, blob_root: Path, workers: int = 1) -> None:
-        super().__init__(workdir)
-        self.config_path = workdir / "nginx.conf"
-        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (workdir / "temp" / temp).mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            f"""daemon off;
+def _nginx_conf(workdir: Path, workers: int, http: str) -> str:
+    """A foreground nginx with every file it writes under ``workdir`` and ``http`` as the
+    rest of its http block (the server)."""
+    return f"""daemon off;
 master_process on;
 worker_processes {workers};
 user root;
@@ -209,26 +203,27 @@ error_log {workdir}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-    sendfile on;
-    # No tcp_nopush: on loopback, corking costs nginx ~40% (1.7 vs 3.0 GB/s here).
     keepalive_requests 100000;
     client_body_temp_path {workdir}/temp/body;
     proxy_temp_path {workdir}/temp/proxy;
     fastcgi_temp_path {workdir}/temp/fastcgi;
     uwsgi_temp_path {workdir}/temp/uwsgi;
     scgi_temp_path {workdir}/temp/scgi;
-    default_type application/octet-stream;
-    types {{ }}
-    server {{
-        listen 127.0.0.1:{self.port};
-        location = /nginx-ready {{ return 200 "ok"; }}
-        location ~ "^/v2/.+/blobs/sha256:(?<h2>[0-9a-f]{{2}})(?<rest>[0-9a-f]{{62}})$" {{
-            alias {blob_root}/sha256/$h2/$h2$rest;
-        }}
-    }}
-}}
+{http}}}
 """
-        )
+
+
+class _NginxProcess(_Process):
+    """An nginx master and its workers; ready when ``/nginx-ready`` answers 200 (the
+    relay's ``/v2/`` is the upstream's 401, so that cannot be the readiness check)."""
+
+    ready_path = "/nginx-ready"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.config_path = workdir / "nginx.conf"
+        for temp in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (workdir / "temp" / temp).mkdir(parents=True, exist_ok=True)
 
     def argv(self) -> list[str]:
         return [
@@ -248,11 +243,91 @@ http {{
             self._log = None
 
 
+class Nginx(_NginxProcess):
+    """nginx with sendfile, serving ``blob_root``/sha256/<xx>/<hex> as registry blob URLs."""
+
+    name = "nginx"
+
+    def __init__(self, workdir: Path, blob_root: Path, workers: int = 1) -> None:
+        super().__init__(workdir)
+        self.config_path.write_text(
+            _nginx_conf(
+                workdir,
+                workers,
+                f"""    sendfile on;
+    # No tcp_nopush: on loopback, corking costs nginx ~40% (1.7 vs 3.0 GB/s here).
+    default_type application/octet-stream;
+    types {{ }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location = /nginx-ready {{ return 200 "ok"; }}
+        location ~ "^/v2/.+/blobs/sha256:(?<h2>[0-9a-f]{{2}})(?<rest>[0-9a-f]{{62}})$" {{
+            alias {blob_root}/sha256/$h2/$h2$rest;
+        }}
+    }}
+""",
+            )
+        )
+
+
+class Relay(_NginxProcess):
+    """nginx ``proxy_cache`` in front of ``upstream_host``: caches to disk, checks no digests.
+
+    The token auth goes through untouched: nginx passes the upstream's 401 and its
+    WWW-Authenticate on, the client gets its token from the token server itself and
+    sends it here, and nginx forwards the Authorization header. Only 200s are cached,
+    keyed by path alone (an image's bytes do not depend on who asks or what it accepts).
+    One fetch per key at a time (``proxy_cache_lock``), so the upstream serves each blob
+    once.
+    """
+
+    name = "relay"
+
+    def __init__(self, workdir: Path, upstream_host: str, workers: int = 1) -> None:
+        super().__init__(workdir)
+        self.cache_dir = workdir / "cache"
+        self.config_path.write_text(
+            _nginx_conf(
+                workdir,
+                workers,
+                f"""    proxy_cache_path {self.cache_dir} levels=1:2 keys_zone=relay:10m
+                     max_size=50g inactive=1d use_temp_path=off;
+    server {{
+        listen 127.0.0.1:{self.port};
+        location = /nginx-ready {{ return 200 "ok"; }}
+        location / {{
+            proxy_pass http://{upstream_host};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_cache relay;
+            proxy_cache_valid 200 1d;
+            proxy_cache_key $uri;
+            proxy_ignore_headers Cache-Control Set-Cookie Expires;
+            proxy_cache_lock on;
+        }}
+    }}
+""",
+            )
+        )
+
+
 def registry_pid(registry: RegistryProcess) -> int:
     """The PID of a running RegistryProcess (for CPU and memory readings)."""
     proc = registry._proc
     assert proc is not None
     return proc.pid
+
+
+def upstream_blob_path(registry: RegistryProcess, digest: str) -> Path:
+    """Where distribution's filesystem storage keeps a blob's bytes."""
+    hex_digest = digest.removeprefix("sha256:")
+    return (
+        registry.storage_dir
+        / "docker/registry/v2/blobs/sha256"
+        / hex_digest[:2]
+        / hex_digest
+        / "data"
+    )
 
 
 def start_upstream(workdir: Path) -> tuple[TokenServer, RegistryProcess]:

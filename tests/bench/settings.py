@@ -5,7 +5,7 @@ BENCH_REPS           repetitions of every measurement; the median is reported (3
 BENCH_CLIENTS        clients pulling one cold image at once (8)
 BENCH_CONNECTIONS    concurrent connections of the manifest load (32)
 BENCH_LOAD_SECONDS   duration of one manifest load measurement (5)
-BENCH_NGINX_WORKERS  nginx worker processes (1, like the single-process mirror)
+BENCH_NGINX_WORKERS  worker processes of each nginx, relay too (1, like the one-process mirror)
 BENCH_OUT            where results go (<repo>/bench-results)
 BENCH_KEEP           1: keep the working directory (images, caches, logs) afterwards
 """
