@@ -112,14 +112,20 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     s["concurrent_time_vs_peer"] = _ratio(
         s.get("concurrent_mirror_wall_seconds"), s.get("concurrent_peer_wall_seconds")
     )
-    # The clients' own work, whichever server fed them (the lower of the two medians),
+    # The clients' own work, whichever server fed them (the lowest of the medians),
     # spread over every core: no server can make N clients finish sooner than this.
     client_cpu = [
         cpu["clients"]
-        for who in ("mirror", "peer")
+        for who in ("direct", "mirror", "peer")
         if (cpu := s.get(f"concurrent_{who}_cpu") or {}).get("clients") is not None
     ]
     s["concurrent_clients_cpu_seconds"] = min(client_cpu) if client_cpu else None
+    s["concurrent_time_vs_direct"] = _ratio(
+        s.get("concurrent_mirror_wall_seconds"), s.get("concurrent_direct_wall_seconds")
+    )
+    s["concurrent_direct_vs_peer"] = _ratio(
+        s.get("concurrent_direct_wall_seconds"), s.get("concurrent_peer_wall_seconds")
+    )
     s["concurrent_clients_cpu_floor_seconds"] = _ratio(
         s["concurrent_clients_cpu_seconds"], raw.get("environment", {}).get("cores")
     )
@@ -282,6 +288,15 @@ def table(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
             f"peer {_f(s.get('concurrent_peer_wall_seconds'), '.2f', ' s')}",
             _x(s.get("concurrent_time_vs_peer")),
             *verdict(3),
+        ),
+        (
+            f"{n} clients, one cold image: direct",
+            _f(s.get("concurrent_mirror_wall_seconds"), ".2f", " s"),
+            f"direct from upstream {_f(s.get('concurrent_direct_wall_seconds'), '.2f', ' s')}"
+            f" ({_x(s.get('concurrent_direct_vs_peer'))} the peer's wall)",
+            _x(s.get("concurrent_time_vs_direct")),
+            "",
+            "info",
         ),
         (
             f"{n} skopeo clients' own CPU / cores",
