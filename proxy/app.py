@@ -21,7 +21,7 @@ from cache.store import Budget, Cache
 from proxy import handlers
 from proxy.access import authenticator
 from proxy.auth import TokenCache
-from proxy.blobs import BlobService
+from proxy.blobs import UPSTREAM_CHUNK, BlobService
 from proxy.config import CacheConfig, Config
 from proxy.errors import error_middleware
 from proxy.keys import (
@@ -127,8 +127,8 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
         # Bytes must arrive as upstream stored them, or their digests won't match.
         headers={"Accept-Encoding": "identity", "User-Agent": "pullthrough/0.1"},
         # With the default 64 KiB, aiohttp pauses and resumes the upstream socket every
-        # 128 KiB; a bigger buffer lets 1 MiB reads fill without that churn.
-        read_bufsize=1 << 20,
+        # 128 KiB; a buffer the size of our reads lets them fill without that churn.
+        read_bufsize=UPSTREAM_CHUNK,
         # The pool caps connections per upstream host (a CDN a blob redirects to is its own
         # host), so one busy upstream can't take every socket.
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=app[CONFIG].upstream_connections),
