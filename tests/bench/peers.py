@@ -318,18 +318,6 @@ def registry_pid(registry: RegistryProcess) -> int:
     return proc.pid
 
 
-def upstream_blob_path(registry: RegistryProcess, digest: str) -> Path:
-    """Where distribution's filesystem storage keeps a blob's bytes."""
-    hex_digest = digest.removeprefix("sha256:")
-    return (
-        registry.storage_dir
-        / "docker/registry/v2/blobs/sha256"
-        / hex_digest[:2]
-        / hex_digest
-        / "data"
-    )
-
-
 def start_upstream(workdir: Path) -> tuple[TokenServer, RegistryProcess]:
     """The tests' upstream: distribution 2.8 with token auth behind our token server."""
     token_server = TokenServer(workdir=workdir / "token").start()

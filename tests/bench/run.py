@@ -72,7 +72,6 @@ from tests.bench.peers import (
     Relay,
     registry_pid,
     start_upstream,
-    upstream_blob_path,
 )
 from tests.bench.settings import LAYERS, REPO_ROOT, Settings
 from tests.upstream.client import UpstreamClient
@@ -219,7 +218,7 @@ class Bench:
         cpu = 0.0
         for blob in img.blobs:
             h = hashlib.sha256()
-            with open(upstream_blob_path(self.upstream, blob.digest), "rb") as f:
+            with open(self.upstream.blob_path(blob.digest), "rb") as f:
                 while chunk := f.read(1 << 20):
                     started = time.thread_time()
                     h.update(chunk)

@@ -127,7 +127,7 @@ async def test_corrupt_blob_upstream_leaves_nothing_cached(
     registry = registry_factory(auth=False)
     data = bytes(range(256)) * 4096
     blob = push_blob(registry, None, "library/victim", data)
-    stored = next(registry.storage_dir.rglob(f"blobs/sha256/*/{blob.digest[7:]}/data"))
+    stored = registry.blob_path(blob.digest)
     stored.write_bytes(data[:-1] + b"\x00")  # same length, last byte wrong
     mirror = await make_mirror([{"name": "docker.io", "url": registry.url, "default": True}])
 

@@ -138,6 +138,17 @@ class RegistryProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def blob_path(self, digest: str) -> Path:
+        """Where distribution's filesystem storage keeps a blob's bytes."""
+        hex_digest = digest.removeprefix("sha256:")
+        return (
+            self.storage_dir
+            / "docker/registry/v2/blobs/sha256"
+            / hex_digest[:2]
+            / hex_digest
+            / "data"
+        )
+
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, timeout: float = 15.0) -> RegistryProcess:
