@@ -245,11 +245,12 @@ def map_span(fd: int, span: tuple[int, int]) -> Iterator[memoryview]:
     """The bytes of a span of a stored blob file, as READ_CHUNK read-only views of one
     memory mapping, for a socket to copy straight from the page cache.
 
-    Measured in tests/bench (warm curl, 2 cores): 1.02-1.08x nginx's sendfile in
-    parallel and 1.3-1.4x in sequence, where pread reached 0.92-0.97x and 1.1-1.3x: one
-    copy instead of two, and no fresh 1 MiB buffer per chunk. Pages already sent leave
-    our page tables (not the page cache) as we go, so a client adds about 1 MiB of RSS,
-    not the whole file; a view still queued in a transport just faults its pages back in.
+    Measured in tests/bench (warm curl against nginx's sendfile, 2 noisy cores, 5 runs):
+    0.90-1.09x in parallel and 0.93-1.29x in sequence, where pread reached 0.92-0.97x and
+    1.08-1.29x the same day: one copy instead of two, and no fresh 1 MiB buffer per
+    chunk. Pages already sent leave our page tables (not the page cache) as we go, so a
+    client adds about 1 MiB of RSS, not the whole file; a view still queued in a
+    transport just faults its pages back in.
 
     Only for committed files: they are complete and never rewritten or truncated
     (eviction and fsck unlink), which is what makes mapping them safe. A file shorter

@@ -1,8 +1,9 @@
 """Streaming a blob to a client, from a committed file or a fill in progress.
 
 Measured here (tests/bench): a committed file goes out through the response in 1 MiB
-views of a memory mapping (`cache.fill.map_span`), 1.0-1.4x nginx's sendfile; blocking
-1 MiB reads reached 0.9-1.3x and asyncio's `loop.sendfile` 0.97-1.03x. A fill's file is still
+views of a memory mapping (`cache.fill.map_span`), 0.9-1.3x nginx's sendfile and a
+little ahead of blocking 1 MiB reads in parallel (figures there); asyncio's
+`loop.sendfile` reached 0.97-1.03x but lost in sequence. A fill's file is still
 growing and is never mapped: followers wait on it and are often slower than the
 download, and `loop.sendfile` keeps their bytes in the kernel instead of in per-client
 buffers (peak RSS 68 -> 52 MB with 8 clients). Over TLS a fill is read with pread, and
