@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.mirror import Mirror
+from tests.mirror import MakeMirror, Mirror
+from tests.upstream.registry import RegistryProcess
 
 __all__ = [
     "CommandFailed",
@@ -26,6 +27,7 @@ __all__ = [
     "assert_stored",
     "require_binary",
     "run",
+    "start_mirror",
 ]
 
 
@@ -112,3 +114,14 @@ async def assert_stored(mirror: Mirror, digests: set[str], within: float = 5.0) 
     while missing := digests - mirror.stored_blobs():
         assert loop.time() < deadline, f"not in the mirror's store: {sorted(missing)}"
         await asyncio.sleep(0.02)
+
+
+async def start_mirror(
+    make_mirror: MakeMirror, docker_io: RegistryProcess, ghcr_io: RegistryProcess | None
+) -> Mirror:
+    """A mirror with docker.io as its default upstream and, if given, ghcr.io beside it
+    (reached by ``?ns=ghcr.io`` or the ``/v2/ghcr.io/`` path prefix)."""
+    upstreams = [{"name": "docker.io", "url": docker_io.url, "default": True}]
+    if ghcr_io is not None:
+        upstreams.append({"name": "ghcr.io", "url": ghcr_io.url})
+    return await make_mirror(upstreams)

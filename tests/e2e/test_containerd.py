@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.containerd import Containerd, containerd
-from tests.e2e.support import assert_mirror_logged_no_errors, assert_stored
+from tests.e2e.support import assert_mirror_logged_no_errors, assert_stored, start_mirror
 from tests.mirror import MakeMirror, Mirror
 from tests.upstream.fixtures import UpstreamImages
 from tests.upstream.images import Blob, PushedImage
@@ -81,12 +81,7 @@ async def test_containerd_pulls_docker_hub_images_through_the_mirror(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     image: PushedImage = getattr(pushed_images, kind)
-    mirror = await make_mirror(
-        [
-            {"name": "docker.io", "url": token_registry.url, "default": True},
-            {"name": "ghcr.io", "url": plain_registry.url},
-        ]
-    )
+    mirror = await start_mirror(make_mirror, token_registry, plain_registry)
     ref = f"docker.io/{image.repo}:{image.tag}"
 
     await pull_remove_pull(containerd, mirror, ref, image, token_registry, platform)
@@ -105,12 +100,7 @@ async def test_containerd_pulls_ghcr_through_the_mirror_by_namespace(
     # library/multi:v1 has the same digests in both upstreams; only ?ns=ghcr.io
     # can make the mirror fetch it from plain_registry.
     image = pushed_images.plain_multi
-    mirror = await make_mirror(
-        [
-            {"name": "docker.io", "url": token_registry.url, "default": True},
-            {"name": "ghcr.io", "url": plain_registry.url},
-        ]
-    )
+    mirror = await start_mirror(make_mirror, token_registry, plain_registry)
     ref = f"ghcr.io/{image.repo}:{image.tag}"
     at_default = upstream_gets(token_registry, image.repo, image.blobs)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.podman import Podman, podman
-from tests.e2e.support import assert_mirror_logged_no_errors, assert_stored
+from tests.e2e.support import assert_mirror_logged_no_errors, assert_stored, start_mirror
 from tests.mirror import MakeMirror, Mirror
 from tests.upstream.fixtures import UpstreamImages
 from tests.upstream.images import Blob
@@ -20,15 +20,6 @@ from tests.upstream.registry import RegistryProcess
 __all__ = ["podman"]  # the fixture, for pytest to find in this module
 
 LINUX_AMD64 = {"os": "linux", "architecture": "amd64"}
-
-
-async def start_mirror(
-    make_mirror: MakeMirror, docker_io: RegistryProcess, ghcr_io: RegistryProcess | None
-) -> Mirror:
-    upstreams = [{"name": "docker.io", "url": docker_io.url, "default": True}]
-    if ghcr_io is not None:
-        upstreams.append({"name": "ghcr.io", "url": ghcr_io.url})
-    return await make_mirror(upstreams)
 
 
 def use(podman: Podman, mirror: Mirror) -> None:

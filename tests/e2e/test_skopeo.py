@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.e2e.skopeo import copy_to_dir, manifest_digest, raw_manifest, verify_dir
+from tests.e2e.support import start_mirror
 from tests.mirror import MakeMirror, Mirror
 from tests.secrets import SECRET
 from tests.upstream.fixtures import UpstreamImages
@@ -23,12 +24,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 async def mirror_of(make_mirror: MakeMirror, registry: RegistryProcess) -> Mirror:
     # Two names for one real registry: the default route and a path-prefix route.
-    return await make_mirror(
-        [
-            {"name": "docker.io", "url": registry.url, "default": True},
-            {"name": "ghcr.io", "url": registry.url},
-        ]
-    )
+    return await start_mirror(make_mirror, registry, registry)
 
 
 def references(mirror: Mirror, image: PushedImage) -> list[str]:
