@@ -1,6 +1,7 @@
 """Measuring: real clients timed as processes, upstream bytes, RSS, and the manifest load.
 
 - ``skopeo``/``skopeo_many``: wall time of ``skopeo copy docker://... dir:...`` processes.
+- ``verifier_beside``: ``tests.bench.verifier`` running while a pull runs.
 - ``curl_blobs``: wall time of curl fetching blob URLs, in parallel or one after another.
 - ``UpstreamLog``: what the upstream served between two marks, from its access log.
 - ``RssSampler``: VmRSS every 50 ms and VmHWM (reset per phase) of the watched PIDs.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -18,6 +20,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -117,6 +120,30 @@ def skopeo_many(
         for dest in dests:
             shutil.rmtree(dest, ignore_errors=True)
     return wall, done
+
+
+@contextlib.contextmanager
+def verifier_beside(
+    files: Sequence[tuple[Path, str]], bytes_per_second: float, scratch: Path
+) -> Iterator[dict[str, float]]:
+    """Run ``tests.bench.verifier`` over ``files`` (path, digest) while the body runs. The
+    yielded dict gets the verifier's own CPU seconds and wall time once it has finished."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "tests.bench.verifier", str(bytes_per_second), str(scratch)]
+    argv += [f"{path}={digest}" for path, digest in files]
+    repo_root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(argv, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    result: dict[str, float] = {}
+    try:
+        yield result
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise CommandFailed(f"verifier exited {proc.returncode}: {err.decode()[-1500:]}")
+    result.update(json.loads(out))
 
 
 # -- curl ----------------------------------------------------------------------------

@@ -8,10 +8,13 @@ upstream, which caches to disk and checks no digests), then runs:
     check       a small image through direct, mirror, peer and relay; the access log's
                 size field checked against a blob's body bytes
     cold        per repetition a fresh image (new seed): skopeo direct, through the
-                mirror, through the peer, through the relay (order rotated); time and
-                upstream bytes. The relay is the physical limit of a caching hop here;
-                the CPU seconds sha256 takes over each image's bytes are what verifying
-                them costs any mirror
+                mirror, through the peer, through the relay, and direct again beside
+                the verifier (order rotated); time and upstream bytes. The relay is the
+                physical limit of a caching hop here; the CPU seconds sha256 takes over
+                each image's bytes are what verifying them costs any mirror, and the
+                pull beside the verifier (tests/bench/verifier.py: sha256, write and
+                fsync of the same bytes at a direct pull's pace) is what that work,
+                with its writes, costs a client on the same cores
     concurrent  per repetition a fresh image: N skopeo clients at once, mirror and peer
     concurrent_curl  the same with N curl clients to /dev/null (info: the servers' side
                 without N skopeos hashing and writing to disk)
@@ -57,9 +60,11 @@ from tests.bench.measure import (
     RssSampler,
     UpstreamLog,
     curl_blobs,
+    median,
     settle_disk,
     skopeo,
     skopeo_many,
+    verifier_beside,
     write_wrk_script,
     wrk,
 )
@@ -239,6 +244,7 @@ class Bench:
             "mirror": [],
             "peer": [],
             "relay": [],
+            "verifier": [],
         }
         self.raw["cold"] = runs
         hashes: list[dict[str, Any]] = []
@@ -252,20 +258,45 @@ class Bench:
                 f"sha256 of {img.repo}: {hashes[-1]['cpu_seconds']:.3f} CPU s,"
                 f" {hashes[-1]['mb_per_s']} MB/s"
             )
-            for who in rotate(["direct", "mirror", "peer", "relay"], rep):
+            # Direct goes first in the first repetition, so the verifier always has a
+            # direct pull's pace to keep to.
+            for who in rotate(["direct", "mirror", "peer", "relay", "verifier"], rep):
                 begun = self._begin()
-                profile = self.profiler.record("cold") if who == "mirror" and rep == 0 else None
-                with profile or contextlib.nullcontext():
-                    seconds = skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
-                run = self._finish(rep, begun, img) | {
-                    "seconds": round(seconds, 4),
-                    "mb_per_s": round(img.size / seconds / MB, 2),
-                }
+                extra: dict[str, Any] = {}
+                if who == "verifier":
+                    seconds, extra = self.pull_beside_verifier(img, runs["direct"])
+                else:
+                    profile = self.profiler.record("cold") if who == "mirror" and rep == 0 else None
+                    with profile or contextlib.nullcontext():
+                        seconds = skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
+                run = (
+                    self._finish(rep, begun, img)
+                    | extra
+                    | {
+                        "seconds": round(seconds, 4),
+                        "mb_per_s": round(img.size / seconds / MB, 2),
+                    }
+                )
                 runs[who].append(run)
                 log(
                     f"cold {who:6} rep {rep + 1}: {seconds:.2f} s, {run['mb_per_s']:.0f} MB/s,"
                     f" upstream {run['upstream_ratio']:.3f}x"
                 )
+
+    def pull_beside_verifier(
+        self, img: BenchImage, direct: list[dict[str, Any]]
+    ) -> tuple[float, dict[str, Any]]:
+        """A direct pull while the verifier hashes, writes and fsyncs the image's blobs
+        (read from the upstream's storage) at the pace of the direct pulls so far."""
+        pace = img.size / median([r["seconds"] for r in direct])
+        files = [(self.upstream.blob_path(b.digest), b.digest) for b in img.blobs]
+        with verifier_beside(files, pace, self.work / "verifier") as verifier:
+            seconds = skopeo(img.ref(self.hosts["direct"]), self.out("verifier"), img.blobs)
+        return seconds, {
+            "verifier_cpu_seconds": verifier["cpu_seconds"],
+            "verifier_seconds": verifier["seconds"],
+            "verifier_bytes_per_second": round(pace),
+        }
 
     def concurrent(self) -> None:
         """N skopeo clients at once, direct (the clients' own floor), through the mirror
