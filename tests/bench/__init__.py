@@ -7,6 +7,8 @@ function, so pytest's default run collects nothing from this package.
     images.py    4-layer images of incompressible random data, built as files and pushed
     peers.py     the processes: our mirror, distribution's proxy mode (the peer), nginx
     measure.py   timers, skopeo/curl/wrk runners, upstream byte accounting, RSS sampler
+    verifier.py  a process doing only a verifying cache's work (sha256, write, fsync),
+                 run beside a direct pull in the cold phase
     report.py    the table of ratios, the pass/fail targets and the JSON file
     run.py       the entry point that starts everything and runs the phases
 """
