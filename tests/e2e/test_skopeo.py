@@ -84,7 +84,11 @@ async def test_accept_decides_the_answer_never_the_cached_type(
     async with mirror.get("/v2/dockerlist/manifests/v1", headers=old_client) as response:
         assert response.status == 200
         assert response.content_type == DOCKER_MANIFEST
-        amd64 = next(c for c in listing.children if c.image.platform["architecture"] == "amd64")
+        amd64 = next(
+            c
+            for c in listing.children
+            if c.image.platform is not None and c.image.platform["architecture"] == "amd64"
+        )
         assert await response.read() == amd64.manifest
     async with mirror.get("/v2/ociindex/manifests/v1", headers=old_client) as response:
         # Upstream has only an OCI index for this tag, which this client can't take.
