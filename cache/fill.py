@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-import mmap
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -239,36 +238,3 @@ def read_span(fd: int, span: tuple[int, int]) -> Iterator[bytes]:
             raise FillFailed(f"blob file ended at {pos} of {end} bytes")
         pos += len(data)
         yield data
-
-
-def map_span(fd: int, span: tuple[int, int]) -> Iterator[memoryview]:
-    """The bytes of a span of a stored blob file, as READ_CHUNK read-only views of one
-    memory mapping, for a socket to copy straight from the page cache.
-
-    Measured in tests/bench (warm curl against nginx's sendfile, 2 noisy cores, 5 runs):
-    0.90-1.09x in parallel and 0.93-1.29x in sequence, where pread reached 0.92-0.97x and
-    1.08-1.29x the same day: one copy instead of two, and no fresh 1 MiB buffer per
-    chunk. Pages already sent leave our page tables (not the page cache) as we go, so a
-    client adds about 1 MiB of RSS, not the whole file; a view still queued in a
-    transport just faults its pages back in.
-
-    Only for committed files: they are complete and never rewritten or truncated
-    (eviction and fsck unlink), which is what makes mapping them safe. A file shorter
-    than the span is refused before it is mapped.
-    """
-    pos, end = span[0], span[0] + span[1]
-    size = os.fstat(fd).st_size
-    if size < end:
-        raise FillFailed(f"blob file has {size} bytes, {end} expected")
-    base = pos - pos % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base)
-    view = memoryview(mapping)
-    pos, end, dropped = pos - base, end - base, 0
-    while pos < end:
-        n = min(READ_CHUNK, end - pos)
-        yield view[pos : pos + n]
-        pos += n
-        sent = pos - pos % mmap.PAGESIZE
-        if sent > dropped:
-            mapping.madvise(mmap.MADV_DONTNEED, dropped, sent - dropped)
-            dropped = sent

@@ -1,8 +1,9 @@
 """The aiohttp application: routes, middleware, and the resources it owns.
 
-Resources are created in `cleanup_ctx` order and closed in reverse: the cache, then the
-upstream client, then the services with their background tasks. So at shutdown the fills
-are cancelled first, then the HTTP session closes, then the index.
+Resources are created in `cleanup_ctx` order and closed in reverse: the sendfile threads,
+the cache, then the upstream client, then the services with their background tasks. So
+at shutdown the fills are cancelled first, then the HTTP session closes, then the index,
+and the threads stop last.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from proxy.keys import (
     MANIFESTS,
     METRICS,
     PASSTHROUGH,
+    SENDER,
     SESSION,
     TASKS,
     UPSTREAM,
@@ -41,6 +43,7 @@ from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
 from proxy.passthrough import Passthrough
+from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.tls import warn_insecure
 from proxy.upstream import UpstreamClient
@@ -70,6 +73,7 @@ def make_app(
     metrics.prepare([upstream.name for upstream in config.upstreams])
     app.on_response_prepare.append(_api_version_header)
     app.on_response_prepare.append(add_request_id)
+    app.cleanup_ctx.append(_sender)
     app.cleanup_ctx.append(lambda app: _cache(app, clock, serving))
     app.cleanup_ctx.append(lambda app: _upstream(app, clock))
     app.cleanup_ctx.append(lambda app: _services(app, clock, serving))
@@ -105,6 +109,13 @@ def new_cache(settings: CacheConfig, clock: Callable[[], float] = time.time) -> 
     """The cache a config describes (not yet opened)."""
     budget = Budget(settings.max_size, settings.high_watermark, settings.low_watermark)
     return Cache(settings.path, budget, clock=clock)
+
+
+async def _sender(app: web.Application) -> AsyncIterator[None]:
+    sender = FileSender()
+    app[SENDER] = sender
+    yield
+    await asyncio.to_thread(sender.close)  # waits for the bursts in flight, each short
 
 
 async def _cache(

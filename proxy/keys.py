@@ -11,6 +11,7 @@ from proxy.config import Config
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
+from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 
@@ -24,3 +25,4 @@ TASKS = web.AppKey("tasks", BackgroundTasks)
 MANIFESTS = web.AppKey("manifests", ManifestService)
 BLOBS = web.AppKey("blobs", BlobService)
 PASSTHROUGH = web.AppKey("passthrough", Passthrough)
+SENDER = web.AppKey("sender", FileSender)
