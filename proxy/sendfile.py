@@ -109,13 +109,15 @@ class FileSender:
 async def _quiet_socket(transport: asyncio.Transport) -> socket.socket:
     """The transport's socket, once nothing the transport holds is waiting to go out
     (in practice the response's headers, which fit in the socket at once)."""
+    delay = 0.001
     while True:
         sock = transport.get_extra_info("socket")
         if sock is None or transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
         if not transport.get_write_buffer_size():
             return sock  # type: ignore[no-any-return]
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)  # a client that reads nothing costs little to watch
 
 
 async def _writable(out: int) -> None:
