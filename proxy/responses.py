@@ -57,14 +57,15 @@ async def _send(
     request: web.Request, response: web.StreamResponse, blob: OpenBlob, start: int, stop: int
 ) -> None:
     transport = request.transport
-    plain = transport is not None and transport.get_extra_info("sslcontext") is None
+    plain = isinstance(transport, asyncio.Transport) and not transport.get_extra_info("sslcontext")
+    socket = transport if plain else None  # over TLS sendfile would bypass the encryption
     sender = request.app[SENDER]
     async for part in spans(start, stop, blob.fill):
         if isinstance(part, bytes):
             await response.write(part)
             request[BODY_BYTES] += len(part)
-        elif plain and isinstance(transport, asyncio.Transport):
-            request[BODY_BYTES] += await sender.send(transport, blob.fd, part)
+        elif socket is not None:
+            request[BODY_BYTES] += await sender.send(socket, blob.fd, part)
         else:
             for data in read_span(blob.fd, part):
                 await response.write(data)

@@ -61,6 +61,14 @@ class Mirror:
                 while await index.get_blob(digest) is None:  # noqa: ASYNC110 - polling SQLite
                     await asyncio.sleep(0.01)
 
+    async def metric(self, sample: str) -> float:
+        """One sample of /metrics, e.g. `pullthrough_evictions_total{reason="size"}`."""
+        async with self.get("/metrics") as response:
+            for line in (await response.text()).splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.split()[1])
+        raise AssertionError(f"{sample} not exported")
+
     def temp_files(self) -> list[Path]:
         return list((self.cache_dir / "tmp").iterdir())
 

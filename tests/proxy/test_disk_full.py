@@ -22,14 +22,6 @@ async def fetch(mirror: Mirror, path: str) -> bytes:
         return await response.read()
 
 
-async def metric(mirror: Mirror, name: str) -> float:
-    async with mirror.get("/metrics") as response:
-        for line in (await response.text()).splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: writes past it fail with ENOSPC, as on a full disk."""
@@ -55,7 +47,7 @@ async def test_blob_larger_than_the_budget_is_passed_through(
     await asyncio.sleep(0.05)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
-    assert await metric(mirror, "pullthrough_disk_full_total") == 1
+    assert await mirror.metric("pullthrough_disk_full_total") == 1
 
 
 async def test_enospc_mid_download_still_serves_every_client_in_full(
@@ -79,7 +71,7 @@ async def test_enospc_mid_download_still_serves_every_client_in_full(
     await asyncio.sleep(0.05)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
-    assert await metric(mirror, "pullthrough_disk_full_total") == 1
+    assert await mirror.metric("pullthrough_disk_full_total") == 1
 
     # The space came back: a small blob is cached as usual afterwards.
     small = os.urandom(100_000)

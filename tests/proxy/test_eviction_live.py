@@ -5,17 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 
-from proxy.keys import CACHE, EVICTOR, METRICS
+from proxy.keys import CACHE, EVICTOR
 from tests.fake_upstream.server import FakeUpstream
 from tests.mirror import MakeMirror, Mirror
 
 REPO = "library/app"
 KiB = 1024
-
-
-def evictions(mirror: Mirror) -> float:
-    registry = mirror.app[METRICS].registry
-    return registry.get_sample_value("pullthrough_evictions_total", {"reason": "size"}) or 0.0
+EVICTED = 'pullthrough_evictions_total{reason="size"}'
 
 
 async def fetch(mirror: Mirror, path: str) -> bytes:
@@ -43,7 +39,7 @@ async def test_background_eviction_keeps_the_budget(
     # The evictor unlinks files before it updates the index and the counters: wait for
     # the count of evictions, which moves last.
     async with asyncio.timeout(5):
-        while not evictions(mirror) or digests[3] not in mirror.stored_blobs():  # noqa: ASYNC110 - the evictor runs in the background
+        while not await mirror.metric(EVICTED) or digests[3] not in mirror.stored_blobs():  # noqa: ASYNC110 - the evictor runs in the background
             await asyncio.sleep(0.01)
     assert mirror.stored_blobs() == set(digests[1:])  # the least recent went first
     assert cache.used == 750 * KiB

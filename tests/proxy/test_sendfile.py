@@ -8,13 +8,13 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from cache.errors import FillFailed
-from proxy.sendfile import BURST, FileSender
+from proxy.sendfile import FileSender
 
 MiB = 1 << 20
 
@@ -58,15 +58,15 @@ async def connection(
 
 
 @pytest.fixture
-def sender() -> AsyncIterator[FileSender]:
+def sender() -> Iterator[FileSender]:
     sender = FileSender()
     yield sender
     sender.close()
 
 
 @pytest.fixture
-def blob(tmp_path: Path) -> AsyncIterator[tuple[int, bytes]]:
-    data = os.urandom(2 * BURST // 16 + 3 * MiB)  # several bursts' worth of socket fills
+def blob(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    data = os.urandom(11 * MiB)  # many times what a loopback socket holds
     path = tmp_path / "blob"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
@@ -91,7 +91,7 @@ async def test_a_slow_reader_gets_every_byte(sender: FileSender, blob: tuple[int
     async with connection(rcvbuf=16 * 1024) as (transport, reader, _):
 
         async def read_slowly() -> bytes:
-            chunks = []
+            chunks: list[bytes] = []
             while sum(map(len, chunks)) < len(data):
                 chunks.append(await reader.read(256 * 1024))
                 await asyncio.sleep(0.002)  # the socket fills; the sender waits on the loop
