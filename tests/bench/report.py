@@ -210,6 +210,12 @@ def targets(raw: dict[str, Any], s: dict[str, Any]) -> list[Target]:
 # -- the table -----------------------------------------------------------------------
 
 
+Row = tuple[str, str, str, str, str, str]
+Verdict = tuple[str, str]  # the target and PASS or FAIL; or "" and "info"
+HEADER: Row = ("measurement", "pullthrough", "compared with", "ratio", "target", "result")
+INFO: Verdict = ("", "info")
+
+
 def _f(value: float | None, fmt: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{fmt}}{unit}"
 
@@ -218,69 +224,94 @@ def _x(value: float | None) -> str:
     return _f(value, ".2f", "x")
 
 
+def _s(value: float | None) -> str:
+    return _f(value, ".2f", " s")
+
+
+def _mb_s(value: float | None) -> str:
+    return _f(value, ".0f", " MB/s")
+
+
+def _pace(s: dict[str, Any], prefix: str) -> str:
+    """Seconds and MB/s of one kind of pull, ``prefix`` being e.g. ``cold_mirror``."""
+    return f"{_s(s.get(f'{prefix}_seconds'))} {_mb_s(s.get(f'{prefix}_mb_per_s'))}"
+
+
 def _gets_text(gets: dict[str, float | None] | None) -> str:
     gets = gets or {}
     return f"{_f(gets.get('manifest'), '.0f')} manifest, {_f(gets.get('blob'), '.0f')} blob"
 
 
-def table(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
+def _server_cpu(s: dict[str, Any], phase: str, who: str) -> str:
+    """CPU seconds ``who`` spent serving its own pulls in ``phase``."""
+    return _s((s.get(f"{phase}_{who}_cpu") or {}).get(who))
+
+
+def _manifest_cpu(s: dict[str, Any], who: str) -> str:
+    tag = _f(s.get(f"manifest_tag_{who}_cpu_us"), ".0f", " us")
+    digest = _f(s.get(f"manifest_digest_{who}_cpu_us"), ".0f", " us")
+    return f"tag {tag}, digest {digest}"
+
+
+def _verdicts(checks: list[Target]) -> list[Verdict]:
+    """Target and result of each check, in the order ``targets`` returns them: the rows
+    take theirs by position."""
     by_name = {t.name: t for t in checks}
-    names = list(by_name)
+    return [(f"{t.op} {t.threshold:g}", "PASS" if t.passed else "FAIL") for t in by_name.values()]
 
-    def verdict(i: int) -> tuple[str, str]:
-        t = by_name[names[i]]
-        return f"{t.op} {t.threshold:g}", "PASS" if t.passed else "FAIL"
 
-    n = raw["settings"]["clients"]
-    conns = raw["settings"]["connections"]
-    rows: list[tuple[str, str, str, str, str, str]] = [
+def _cold_rows(s: dict[str, Any], verdict: Verdict) -> list[Row]:
+    """One client pulling a cold image, set against direct, the peer and the relay."""
+    return [
         (
             "cold pull, 1 client (skopeo)",
-            f"{_f(s.get('cold_mirror_seconds'), '.2f', ' s')} "
-            f"{_f(s.get('cold_mirror_mb_per_s'), '.0f', ' MB/s')}",
-            f"direct {_f(s.get('cold_direct_seconds'), '.2f', ' s')} "
-            f"{_f(s.get('cold_direct_mb_per_s'), '.0f', ' MB/s')}",
+            _pace(s, "cold_mirror"),
+            f"direct {_pace(s, 'cold_direct')}",
             _x(s.get("cold_speed_vs_direct")),
-            *verdict(0),
+            *verdict,
         ),
         (
             "cold pull vs the peer",
-            _f(s.get("cold_mirror_seconds"), ".2f", " s"),
-            f"peer {_f(s.get('cold_peer_seconds'), '.2f', ' s')} "
-            f"{_f(s.get('cold_peer_mb_per_s'), '.0f', ' MB/s')}"
-            f" ({_x(s.get('cold_peer_speed_vs_direct'))} direct)",
+            _s(s.get("cold_mirror_seconds")),
+            f"peer {_pace(s, 'cold_peer')} ({_x(s.get('cold_peer_speed_vs_direct'))} direct)",
             _x(s.get("cold_speed_vs_peer")),
-            "",
-            "info",
+            *INFO,
         ),
         (
             "cold pull vs nginx proxy_cache",
-            _f(s.get("cold_mirror_seconds"), ".2f", " s"),
-            f"relay, no digest checks: {_f(s.get('cold_relay_seconds'), '.2f', ' s')} "
-            f"{_f(s.get('cold_relay_mb_per_s'), '.0f', ' MB/s')}"
+            _s(s.get("cold_mirror_seconds")),
+            f"relay, no digest checks: {_pace(s, 'cold_relay')}"
             f" ({_x(s.get('cold_relay_speed_vs_direct'))} direct)",
             _x(s.get("cold_speed_vs_relay")),
-            "",
-            "info",
+            *INFO,
         ),
+    ]
+
+
+def _verifier_rows(s: dict[str, Any]) -> list[Row]:
+    """What checking the bytes costs: to a client beside the verifier, and to sha256."""
+    return [
         (
             "direct pull beside the verifier",
-            _f(s.get("cold_verifier_seconds"), ".2f", " s"),
-            f"direct {_f(s.get('cold_direct_seconds'), '.2f', ' s')}; verifier"
+            _s(s.get("cold_verifier_seconds")),
+            f"direct {_s(s.get('cold_direct_seconds'))}; verifier"
             f" {_f(s.get('cold_verifier_cpu_seconds'), '.2f', ' CPU s')}",
             _x(s.get("cold_verifier_speed_vs_direct")),
-            "",
-            "info",
+            *INFO,
         ),
         (
             "sha256 of the image, CPU",
             _f(s.get("cold_sha256_cpu_seconds"), ".3f", " s"),
-            "what a verifying mirror must spend: "
-            f"{_f(s.get('cold_sha256_mb_per_s'), '.0f', ' MB/s')} on 1 core",
+            f"what a verifying mirror must spend: {_mb_s(s.get('cold_sha256_mb_per_s'))} on 1 core",
             "",
-            "",
-            "info",
+            *INFO,
         ),
+    ]
+
+
+def _upstream_rows(s: dict[str, Any], n: int, one: Verdict, many: Verdict) -> list[Row]:
+    """Bytes the upstream sent per image pulled, with 1 client and with ``n``."""
+    return [
         (
             "upstream bytes / image, 1 client",
             _x(s.get("cold_mirror_upstream_ratio_max")),
@@ -288,156 +319,196 @@ def table(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
             f"relay {_x(s.get('cold_relay_upstream_ratio'))}, "
             f"direct {_x(s.get('cold_direct_upstream_ratio'))}",
             "",
-            *verdict(1),
+            *one,
         ),
         (
             f"upstream bytes / image, {n} clients",
             _x(s.get("concurrent_mirror_upstream_ratio_max")),
             f"peer {_x(s.get('concurrent_peer_upstream_ratio'))}",
             "",
-            *verdict(2),
+            *many,
         ),
+    ]
+
+
+def _concurrent_rows(s: dict[str, Any], n: int, cores: Any, verdict: Verdict) -> list[Row]:
+    """``n`` clients pulling one cold image at once: the wall time against the peer's,
+    against direct pulls, and the floor that the clients' own CPU sets."""
+    return [
         (
             f"{n} clients, one cold image: wall",
-            _f(s.get("concurrent_mirror_wall_seconds"), ".2f", " s"),
-            f"peer {_f(s.get('concurrent_peer_wall_seconds'), '.2f', ' s')}",
+            _s(s.get("concurrent_mirror_wall_seconds")),
+            f"peer {_s(s.get('concurrent_peer_wall_seconds'))}",
             _x(s.get("concurrent_time_vs_peer")),
-            *verdict(3),
+            *verdict,
         ),
         (
             f"{n} clients, one cold image: direct",
-            _f(s.get("concurrent_mirror_wall_seconds"), ".2f", " s"),
-            f"direct from upstream {_f(s.get('concurrent_direct_wall_seconds'), '.2f', ' s')}"
+            _s(s.get("concurrent_mirror_wall_seconds")),
+            f"direct from upstream {_s(s.get('concurrent_direct_wall_seconds'))}"
             f" ({_x(s.get('concurrent_direct_vs_peer'))} the peer's wall)",
             _x(s.get("concurrent_time_vs_direct")),
-            "",
-            "info",
+            *INFO,
         ),
         (
             f"{n} skopeo clients' own CPU / cores",
-            f"{_f(s.get('concurrent_clients_cpu_floor_seconds'), '.2f', ' s')} = "
-            f"{_f(s.get('concurrent_clients_cpu_seconds'), '.2f', ' s')}"
-            f" / {raw.get('environment', {}).get('cores')}",
-            f"peer wall {_f(s.get('concurrent_peer_wall_seconds'), '.2f', ' s')}:"
+            f"{_s(s.get('concurrent_clients_cpu_floor_seconds'))} = "
+            f"{_s(s.get('concurrent_clients_cpu_seconds'))} / {cores}",
+            f"peer wall {_s(s.get('concurrent_peer_wall_seconds'))}:"
             " best ratio any server can reach",
             _x(s.get("concurrent_floor_vs_peer")),
-            "",
-            "info",
+            *INFO,
         ),
+    ]
+
+
+def _concurrent_info_rows(s: dict[str, Any], n: int) -> list[Row]:
+    """Beside the ``n``-client pulls: the upstream GETs they caused, and the same load
+    from curl clients, which neither hash nor write to disk."""
+
+    def curl(who: str) -> str:
+        prefix = f"concurrent_curl_{who}"
+        return f"{_s(s.get(f'{prefix}_wall_seconds'))} {_x(s.get(f'{prefix}_upstream_ratio'))}"
+
+    return [
         (
             f"upstream GETs, {n} clients",
             _gets_text(s.get("concurrent_mirror_upstream_gets")),
             "peer " + _gets_text(s.get("concurrent_peer_upstream_gets")),
             "",
-            "",
-            "info",
+            *INFO,
         ),
         (
             f"{n} clients, curl to /dev/null: wall",
-            f"{_f(s.get('concurrent_curl_mirror_wall_seconds'), '.2f', ' s')} "
-            f"{_x(s.get('concurrent_curl_mirror_upstream_ratio'))} upstream",
-            f"peer {_f(s.get('concurrent_curl_peer_wall_seconds'), '.2f', ' s')} "
-            f"{_x(s.get('concurrent_curl_peer_upstream_ratio'))} upstream",
+            f"{curl('mirror')} upstream",
+            f"peer {curl('peer')} upstream",
             _x(s.get("concurrent_curl_time_vs_peer")),
-            "",
-            "info",
+            *INFO,
         ),
+    ]
+
+
+def _warm_rows(s: dict[str, Any], parallel: Verdict, sequential: Verdict) -> list[Row]:
+    """An image already cached: skopeo against the peer, the layers by curl against nginx."""
+
+    def curl(mode: str, how: str, verdict: Verdict) -> Row:
+        return (
+            f"warm layers, curl in {how}",
+            _mb_s(s.get(f"warm_{mode}_mirror_mb_per_s")),
+            f"nginx {_mb_s(s.get(f'warm_{mode}_nginx_mb_per_s'))}",
+            _x(s.get(f"warm_{mode}_vs_nginx")),
+            *verdict,
+        )
+
+    return [
         (
             "warm pull (skopeo)",
-            f"{_f(s.get('warm_skopeo_mirror_seconds'), '.2f', ' s')} "
-            f"{_f(s.get('warm_skopeo_mirror_mb_per_s'), '.0f', ' MB/s')}",
-            f"peer {_f(s.get('warm_skopeo_peer_seconds'), '.2f', ' s')} "
-            f"{_f(s.get('warm_skopeo_peer_mb_per_s'), '.0f', ' MB/s')}",
+            _pace(s, "warm_skopeo_mirror"),
+            f"peer {_pace(s, 'warm_skopeo_peer')}",
             _x(s.get("warm_skopeo_speed_vs_peer")),
-            "",
-            "info",
+            *INFO,
         ),
-        (
-            "warm layers, curl in parallel",
-            _f(s.get("warm_curl_parallel_mirror_mb_per_s"), ".0f", " MB/s"),
-            f"nginx {_f(s.get('warm_curl_parallel_nginx_mb_per_s'), '.0f', ' MB/s')}",
-            _x(s.get("warm_curl_parallel_vs_nginx")),
-            *verdict(4),
-        ),
-        (
-            "warm layers, curl in sequence",
-            _f(s.get("warm_curl_sequential_mirror_mb_per_s"), ".0f", " MB/s"),
-            f"nginx {_f(s.get('warm_curl_sequential_nginx_mb_per_s'), '.0f', ' MB/s')}",
-            _x(s.get("warm_curl_sequential_vs_nginx")),
-            *verdict(5),
-        ),
-        (
-            f"manifest by tag, {conns} conns",
-            _f(s.get("manifest_tag_mirror_rps"), ".0f", " req/s"),
-            f"peer {_f(s.get('manifest_tag_peer_rps'), '.0f', ' req/s')}",
-            _x(s.get("manifest_tag_vs_peer")),
-            *verdict(6),
-        ),
-        (
-            f"manifest by digest, {conns} conns",
-            _f(s.get("manifest_digest_mirror_rps"), ".0f", " req/s"),
-            f"peer {_f(s.get('manifest_digest_peer_rps'), '.0f', ' req/s')}",
-            _x(s.get("manifest_digest_vs_peer")),
-            *verdict(7),
-        ),
+        curl("curl_parallel", "parallel", parallel),
+        curl("curl_sequential", "sequence", sequential),
+    ]
+
+
+def _manifest_row(s: dict[str, Any], kind: str, conns: int, verdict: Verdict) -> Row:
+    """Manifest requests per second, by ``kind`` (tag or digest)."""
+    return (
+        f"manifest by {kind}, {conns} conns",
+        _f(s.get(f"manifest_{kind}_mirror_rps"), ".0f", " req/s"),
+        f"peer {_f(s.get(f'manifest_{kind}_peer_rps'), '.0f', ' req/s')}",
+        _x(s.get(f"manifest_{kind}_vs_peer")),
+        *verdict,
+    )
+
+
+def _server_cost_rows(s: dict[str, Any], n: int, rss: Verdict) -> list[Row]:
+    """What the servers spent: CPU per pull and per manifest request, and memory."""
+    return [
         (
             "server CPU per cold pull",
-            _f((s.get("cold_mirror_cpu") or {}).get("mirror"), ".2f", " s"),
-            f"peer {_f((s.get('cold_peer_cpu') or {}).get('peer'), '.2f', ' s')}, "
-            f"relay {_f((s.get('cold_relay_cpu') or {}).get('relay'), '.2f', ' s')}",
+            _server_cpu(s, "cold", "mirror"),
+            f"peer {_server_cpu(s, 'cold', 'peer')}, relay {_server_cpu(s, 'cold', 'relay')}",
             "",
-            "",
-            "info",
+            *INFO,
         ),
         (
             f"server CPU per cold pull, {n} clients",
-            _f((s.get("concurrent_mirror_cpu") or {}).get("mirror"), ".2f", " s"),
-            f"peer {_f((s.get('concurrent_peer_cpu') or {}).get('peer'), '.2f', ' s')}",
+            _server_cpu(s, "concurrent", "mirror"),
+            f"peer {_server_cpu(s, 'concurrent', 'peer')}",
             "",
-            "",
-            "info",
+            *INFO,
         ),
         (
             "server CPU per manifest request",
-            f"tag {_f(s.get('manifest_tag_mirror_cpu_us'), '.0f', ' us')}, "
-            f"digest {_f(s.get('manifest_digest_mirror_cpu_us'), '.0f', ' us')}",
-            f"peer: tag {_f(s.get('manifest_tag_peer_cpu_us'), '.0f', ' us')}, "
-            f"digest {_f(s.get('manifest_digest_peer_cpu_us'), '.0f', ' us')}",
+            _manifest_cpu(s, "mirror"),
+            f"peer: {_manifest_cpu(s, 'peer')}",
             "",
-            "",
-            "info",
+            *INFO,
         ),
         (
             "peak RSS (highest phase)",
             _f(s.get("rss_mirror_peak_mb"), ".1f", " MB"),
             f"peer {_f(s.get('rss_peer_peak_mb'), '.1f', ' MB')}",
             "",
-            *verdict(8),
+            *rss,
         ),
     ]
-    header = ("measurement", "pullthrough", "compared with", "ratio", "target", "result")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _rows(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> list[Row]:
+    """The rows in printed order; ``v[i]`` is the verdict on the i-th of ``targets``."""
+    v = _verdicts(checks)
+    n = raw["settings"]["clients"]
+    conns = raw["settings"]["connections"]
+    cores = raw.get("environment", {}).get("cores")
+    return [
+        *_cold_rows(s, v[0]),
+        *_verifier_rows(s),
+        *_upstream_rows(s, n, v[1], v[2]),
+        *_concurrent_rows(s, n, cores, v[3]),
+        *_concurrent_info_rows(s, n),
+        *_warm_rows(s, v[4], v[5]),
+        _manifest_row(s, "tag", conns, v[6]),
+        _manifest_row(s, "digest", conns, v[7]),
+        *_server_cost_rows(s, n, v[8]),
+    ]
+
+
+def _aligned(rows: list[Row]) -> list[str]:
+    """The header, a rule and the rows, each column as wide as its widest cell."""
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+
+    def line(cells: Row) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(HEADER), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def _notes(s: dict[str, Any], checks: list[Target]) -> list[str]:
+    """Below the table: memory by phase, what the relay and the verifier are, the count."""
     phases = s.get("rss_mirror_by_phase_mb") or {}
     peer_phases = s.get("rss_peer_by_phase_mb") or {}
-    lines.append("")
-    lines.append(
-        "peak RSS by phase (MB): "
-        + ", ".join(f"{k} {v:.1f} (peer {peer_phases.get(k, 0):.1f})" for k, v in phases.items())
-    )
-    lines.append(
-        "relay: nginx proxy_cache (C) in front of the upstream; caches to disk, checks no"
-        " digests: the physical limit of a caching hop on this machine"
-    )
-    lines.append(
-        "verifier: a process that only hashes, writes and fsyncs the image's bytes, beside a"
-        " direct pull: the least any verifying cache adds to a client on the same cores"
+    by_phase = ", ".join(
+        f"{k} {v:.1f} (peer {peer_phases.get(k, 0):.1f})" for k, v in phases.items()
     )
     passed = sum(t.passed for t in checks)
-    lines.append(f"targets: {passed} of {len(checks)} pass")
-    return "\n".join(lines)
+    return [
+        "",
+        "peak RSS by phase (MB): " + by_phase,
+        "relay: nginx proxy_cache (C) in front of the upstream; caches to disk, checks no"
+        " digests: the physical limit of a caching hop on this machine",
+        "verifier: a process that only hashes, writes and fsyncs the image's bytes, beside a"
+        " direct pull: the least any verifying cache adds to a client on the same cores",
+        f"targets: {passed} of {len(checks)} pass",
+    ]
+
+
+def table(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
+    """The printed report: a row per measurement, then the notes and the targets met."""
+    return "\n".join([*_aligned(_rows(raw, s, checks)), *_notes(s, checks)])
 
 
 def write(raw: dict[str, Any], out_dir: Path, stamp: str) -> Path:

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -463,6 +464,25 @@ class Bench:
                     )
                     log(f"manifest by {kind:6} {who:6} rep {rep + 1}: {load.rps:.0f} req/s")
 
+    def run(self) -> None:
+        """The check, then the phases BENCH_PHASES names, in this order, each timed and
+        with its own memory peaks."""
+        phases = {
+            "check": self.check,
+            "cold": self.cold,
+            "concurrent": self.concurrent,
+            "concurrent_curl": self.concurrent_curl,
+            "warm": self.warm,
+            "manifests": self.manifests,
+        }
+        for name, phase in phases.items():
+            if name != "check" and name not in self.s.phases:
+                continue
+            phase_started = time.perf_counter()
+            with self.sampler.phase(name):
+                phase()
+            self.raw["phase_seconds"][name] = round(time.perf_counter() - phase_started, 1)
+
 
 def _check_manifest(port: int, path: str, digest: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -531,17 +551,54 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main() -> int:
-    settings = Settings.from_env()
-    missing = _missing_tools()
-    if missing:
-        print(f"bench: missing {', '.join(missing)}; apt-get install them", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _terminate)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    work = settings.out_dir / f".work-{stamp}"
-    work.mkdir(parents=True)
-    raw: dict[str, Any] = {
+# -- one run -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes ``Servers.start`` left running, stopped by its caller's stack."""
+
+    token_server: TokenServer
+    upstream: RegistryProcess
+    mirror: Mirror
+    peer: Peer
+    nginx: Nginx
+    relay: Relay
+
+
+class Servers:
+    """Starts the processes the bench talks to. Each one's stop goes on the caller's
+    stack as soon as it runs, so a failed start still stops the ones before it. The
+    mirror is kept from the moment it exists: when the run fails, its log says why."""
+
+    def __init__(self, settings: Settings, work: Path) -> None:
+        self.settings = settings
+        self.work = work
+        self.mirror: Mirror | None = None
+
+    def start(self, stack: contextlib.ExitStack) -> Processes:
+        work, settings = self.work, self.settings
+        token_server, upstream = start_upstream(work)
+        stack.callback(token_server.close)
+        stack.callback(upstream.close)
+        mirror = self.mirror = Mirror(work / "mirror", upstream.url)
+        mirror.start(env=settings.mirror_env)
+        stack.callback(mirror.stop)
+        peer = Peer(work / "peer", upstream)
+        peer.start()  # after the upstream: it panics when the upstream is unreachable
+        stack.callback(peer.close)
+        nginx = Nginx(work / "nginx", mirror.cache_dir / "blobs", settings.nginx_workers)
+        nginx.start()
+        stack.callback(nginx.stop)
+        relay = Relay(work / "relay", upstream.host, settings.nginx_workers)
+        relay.start()
+        stack.callback(relay.stop)
+        return Processes(token_server, upstream, mirror, peer, nginx, relay)
+
+
+def _new_raw(settings: Settings, stamp: str, work: Path) -> dict[str, Any]:
+    """The raw results as they stand before anything runs: what was asked, and where."""
+    return {
         "timestamp": stamp,
         "settings": {
             "image_mib": settings.image_mb,
@@ -564,100 +621,102 @@ def main() -> int:
         "images": {},
         "phase_seconds": {},
     }
+
+
+def _prepare(settings: Settings) -> tuple[str, Path, dict[str, Any]]:
+    """The run's timestamp, its new work dir and its raw results so far."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    work = settings.out_dir / f".work-{stamp}"
+    work.mkdir(parents=True)
+    raw = _new_raw(settings, stamp, work)
     log(
         f"{settings.image_mb} MiB images in {LAYERS} layers, {settings.reps} reps,"
         f" {settings.clients} clients, work dir {work}"
     )
-    started = time.perf_counter()
-    failed = False
-    mirror: Mirror | None = None
-    try:
-        with contextlib.ExitStack() as stack:
-            token_server, upstream = start_upstream(work)
-            stack.callback(token_server.close)
-            stack.callback(upstream.close)
-            mirror = Mirror(work / "mirror", upstream.url)
-            mirror.start(env=settings.mirror_env)
-            stack.callback(mirror.stop)
-            peer = Peer(work / "peer", upstream)
-            peer.start()  # after the upstream: it panics when the upstream is unreachable
-            stack.callback(peer.close)
-            nginx = Nginx(work / "nginx", mirror.cache_dir / "blobs", settings.nginx_workers)
-            nginx.start()
-            stack.callback(nginx.stop)
-            relay = Relay(work / "relay", upstream.host, settings.nginx_workers)
-            relay.start()
-            stack.callback(relay.stop)
-            raw["pids"] = {
-                "mirror": mirror.pid,
-                "peer": peer.pid,
-                "nginx": nginx.pid,
-                "relay": relay.pid,
-            }
-            sampler = RssSampler({"mirror": mirror.pid, "peer": peer.pid}).start()
-            stack.callback(sampler.stop)
-            profiler = Profiler(mirror.pid, settings.out_dir / f"profile-{stamp}")
-            bench = Bench(
-                settings,
-                work,
-                raw,
-                token_server,
-                upstream,
-                mirror,
-                peer,
-                nginx,
-                relay,
-                sampler,
-                profiler,
-            )
-            try:
-                phases = {
-                    "check": bench.check,
-                    "cold": bench.cold,
-                    "concurrent": bench.concurrent,
-                    "concurrent_curl": bench.concurrent_curl,
-                    "warm": bench.warm,
-                    "manifests": bench.manifests,
-                }
-                for name, phase in phases.items():
-                    if name != "check" and name not in settings.phases:
-                        continue
-                    phase_started = time.perf_counter()
-                    with sampler.phase(name):
-                        phase()
-                    raw["phase_seconds"][name] = round(time.perf_counter() - phase_started, 1)
-            finally:
-                raw["rss"] = sampler.report()
-                raw["profiles"] = profiler.files
-                log_text = mirror.log_path.read_text(errors="replace")
-                raw["mirror_log"] = {
-                    "lines": log_text.count("\n"),
-                    "errors": sum(
-                        1
-                        for line in log_text.splitlines()
-                        if " ERROR " in line or '"ERROR"' in line or "Traceback" in line
-                    ),
-                }
-    except BaseException as exc:
-        failed = True
-        raw["error"] = "".join(traceback.format_exception(exc))
-        log(f"FAILED: {exc!r}")
-        if mirror is not None:
-            log(f"mirror log tail:\n{mirror.log_tail()}")
-        if not isinstance(exc, Exception):
-            raise
-    finally:
-        raw["environment"]["loadavg_end"] = os.getloadavg()
-        raw["total_seconds"] = round(time.perf_counter() - started, 1)
-        summary = report.summarize(raw)
-        checks = report.targets(raw, summary)
-        raw["summary"] = summary
-        raw["targets"] = [t.as_dict() for t in checks]
-        path = report.write(raw, settings.out_dir, stamp)
-        if failed or settings.keep:
-            log(f"work dir kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    return stamp, work, raw
+
+
+def _measure(settings: Settings, stamp: str, raw: dict[str, Any], servers: Servers) -> None:
+    """Starts the servers and runs the phases. Memory, profiles and the mirror's log are
+    recorded however the phases end, while the servers still run; then everything
+    started here stops, in reverse order."""
+    with contextlib.ExitStack() as stack:
+        up = servers.start(stack)
+        raw["pids"] = {
+            "mirror": up.mirror.pid,
+            "peer": up.peer.pid,
+            "nginx": up.nginx.pid,
+            "relay": up.relay.pid,
+        }
+        sampler = RssSampler({"mirror": up.mirror.pid, "peer": up.peer.pid}).start()
+        stack.callback(sampler.stop)
+        profiler = Profiler(up.mirror.pid, settings.out_dir / f"profile-{stamp}")
+        bench = Bench(
+            settings,
+            servers.work,
+            raw,
+            up.token_server,
+            up.upstream,
+            up.mirror,
+            up.peer,
+            up.nginx,
+            up.relay,
+            sampler,
+            profiler,
+        )
+        try:
+            bench.run()
+        finally:
+            raw["rss"] = sampler.report()
+            raw["profiles"] = profiler.files
+            raw["mirror_log"] = _log_counts(up.mirror.log_path.read_text(errors="replace"))
+
+
+def _log_counts(text: str) -> dict[str, int]:
+    """Lines, and lines that report an error (plain or JSON level, or a traceback)."""
+    return {
+        "lines": text.count("\n"),
+        "errors": sum(
+            1
+            for line in text.splitlines()
+            if " ERROR " in line or '"ERROR"' in line or "Traceback" in line
+        ),
+    }
+
+
+def _record_failure(raw: dict[str, Any], exc: BaseException, mirror: Mirror | None) -> None:
+    raw["error"] = "".join(traceback.format_exception(exc))
+    log(f"FAILED: {exc!r}")
+    if mirror is not None:
+        log(f"mirror log tail:\n{mirror.log_tail()}")
+
+
+def _summarize(raw: dict[str, Any], started: float) -> tuple[dict[str, Any], list[report.Target]]:
+    """Closes the raw results: end time, medians and the targets, kept in ``raw`` too."""
+    raw["environment"]["loadavg_end"] = os.getloadavg()
+    raw["total_seconds"] = round(time.perf_counter() - started, 1)
+    summary = report.summarize(raw)
+    checks = report.targets(raw, summary)
+    raw["summary"] = summary
+    raw["targets"] = [t.as_dict() for t in checks]
+    return summary, checks
+
+
+def _keep_or_remove(work: Path, keep: bool) -> None:
+    if keep:
+        log(f"work dir kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_report(
+    settings: Settings,
+    stamp: str,
+    raw: dict[str, Any],
+    summary: dict[str, Any],
+    checks: list[report.Target],
+    path: Path,
+) -> None:
     env = raw["environment"]
     print()
     print(
@@ -679,11 +738,40 @@ def main() -> int:
     print(
         f"\nraw numbers: {path} (and {path.parent / 'latest.json'}); took {raw['total_seconds']} s"
     )
+
+
+def _exit_status(failed: bool, checks: list[report.Target]) -> int:
     if failed:
         return 1
     if os.environ.get("BENCH_STRICT") == "1" and not all(t.passed for t in checks):
         return 3
     return 0
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    missing = _missing_tools()
+    if missing:
+        print(f"bench: missing {', '.join(missing)}; apt-get install them", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    stamp, work, raw = _prepare(settings)
+    started = time.perf_counter()
+    failed = False
+    servers = Servers(settings, work)
+    try:
+        _measure(settings, stamp, raw, servers)
+    except BaseException as exc:
+        failed = True
+        _record_failure(raw, exc, servers.mirror)
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C or SIGTERM: the report is still written, below
+    finally:
+        summary, checks = _summarize(raw, started)
+        path = report.write(raw, settings.out_dir, stamp)
+        _keep_or_remove(work, failed or settings.keep)
+    _print_report(settings, stamp, raw, summary, checks, path)
+    return _exit_status(failed, checks)
 
 
 if __name__ == "__main__":
