@@ -20,11 +20,13 @@ Every path is built from a parsed `Digest`, never from a client's string.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from pathlib import Path
 
 from cache.digests import Digest
+from cache.errors import DISK_FULL_ERRNOS, DiskFull
 
 
 class BlobStore:
@@ -78,17 +80,25 @@ class BlobStore:
         return final
 
     def write(self, digest: Digest, data: bytes) -> None:
-        """Store small, already verified content (a manifest). Blocking."""
-        fd, temp = self.new_temp(digest)
+        """Store small, already verified content (a manifest). Blocking.
+
+        Raises DiskFull when there is no room for it."""
         try:
-            os.write(fd, data)
-            self.commit(fd, temp, digest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+            fd, temp = self.new_temp(digest)
+            try:
+                if os.write(fd, data) != len(data):  # short: only a full disk does that
+                    raise OSError(errno.ENOSPC, "short write")
+                self.commit(fd, temp, digest)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    temp.unlink()
+                raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise DiskFull(str(exc)) from exc
             raise
-        finally:
-            os.close(fd)
 
     def remove(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -6,10 +6,16 @@ CacheError
 ├── FillFailed          a fill in progress was abandoned (upstream error, disk error)
 │   ├── DigestMismatch  the bytes did not hash to the digest asked for
 │   └── SizeMismatch    more or fewer bytes than announced
+├── DiskFull            no room on the disk for a file or an index write: nothing was stored
 └── StoreClosed         the store was used after close()
 """
 
 from __future__ import annotations
+
+import errno
+
+# What the kernel says when the disk (or the user's quota) has no room.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class CacheError(Exception):
@@ -40,6 +46,10 @@ class SizeMismatch(FillFailed):
         super().__init__(f"received {actual} bytes, expected {expected}")
         self.expected = expected
         self.actual = actual
+
+
+class DiskFull(CacheError):
+    pass
 
 
 class StoreClosed(CacheError):

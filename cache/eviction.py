@@ -8,6 +8,10 @@
 Victims come from `blobs_by_last_access` in small batches, so choosing them stays cheap
 with millions of rows. Fills in progress are not in the index and can't be chosen; a
 client still reading an evicted file keeps its fd and finishes normally.
+
+One pass runs at a time: two passes choosing from the same least-recent rows would
+evict the same blobs twice, and a download could count room that another pass is about
+to give to a different one.
 """
 
 from __future__ import annotations
@@ -40,28 +44,43 @@ class Evictor:
         self.blob_ttl = blob_ttl
         self.clock = clock
         self.on_evict = on_evict
+        self._lock = asyncio.Lock()
 
     async def run_once(self) -> dict[str, int]:
         """One pass: TTL first, then size. Returns blobs evicted by reason."""
-        await self.cache.flush_access()
-        # Recount: `pullthrough evict` or `gc` may have changed the cache from outside.
-        self.cache.used, self.cache.count = await self.cache.index.usage()
-        removed = {"ttl": await self._expire(), "size": 0}
-        budget = self.cache.budget
-        if self.cache.used > budget.max_size * budget.high_watermark:
-            removed["size"] = await self.shrink_to(int(budget.max_size * budget.low_watermark))
-        return removed
+        async with self._lock:
+            await self._refresh()
+            removed = {"ttl": await self._expire(), "size": 0}
+            budget = self.cache.budget
+            if self.cache.used > budget.max_size * budget.high_watermark:
+                target = int(budget.max_size * budget.low_watermark)
+                removed["size"] = await self._shrink_to(target, "size")
+            return removed
 
     async def make_room(self, fill: Fill, size: int) -> None:
-        """Before a download: evict so it fits, or pass it through uncached if it can't."""
-        max_size = self.cache.budget.max_size
-        reserved = self.cache.reserved(besides=fill)
-        if self.cache.used + reserved + size <= max_size:
+        """Before a download: evict so it fits, or pass it through uncached if it can't.
+
+        The fill's size is reserved at once, before any wait, so downloads starting
+        together each see the others' room as taken."""
+        fill.size = size
+        if self._fits():
             return
+        async with self._lock:
+            await self._refresh()
+            room = self.cache.budget.max_size - self.cache.reserved()
+            if not self._fits() and room >= 0:  # else even an empty cache would not do
+                await self._shrink_to(room, "size")
+            if not self._fits():
+                fill.go_passthrough()
+
+    def _fits(self) -> bool:
+        return self.cache.used + self.cache.reserved() <= self.cache.budget.max_size
+
+    async def _refresh(self) -> None:
+        """Flush access times, and recount: `pullthrough evict` or `gc` may have changed
+        the cache from outside this process."""
         await self.cache.flush_access()
-        await self.shrink_to(max_size - reserved - size)
-        if self.cache.used + reserved + size > max_size:
-            fill.go_passthrough()
+        await self.cache.recount()
 
     async def run_forever(self, interval: float = 60.0) -> None:
         """The app's background task: a pass every `interval`, or when the cache asks."""
@@ -78,13 +97,16 @@ class Evictor:
         cutoff = self.clock() - self.blob_ttl
         total = 0
         while rows := await self.cache.index.least_recent(BATCH, before=cutoff):
-            await self._evict(rows, "ttl")
-            total += len(rows)
+            total += await self._evict(rows, "ttl")
         return total
 
     async def shrink_to(self, target: int, reason: str = "size") -> int:
         """Evict least recently used content until at most `target` bytes are left."""
-        await self.cache.flush_access()
+        async with self._lock:
+            await self._refresh()
+            return await self._shrink_to(target, reason)
+
+    async def _shrink_to(self, target: int, reason: str) -> int:
         total = 0
         while self.cache.used > target:
             rows = await self.cache.index.least_recent(BATCH)
@@ -96,13 +118,16 @@ class Evictor:
                     break
                 victims.append(row)
                 freed += row.size
-            await self._evict(victims, reason)
-            total += len(victims)
+            total += await self._evict(victims, reason)
         return total
 
-    async def _evict(self, rows: list[BlobRow], reason: str) -> None:
-        await self.cache.remove(rows)
-        size = sum(row.size for row in rows)
-        log.info("evicted %d blobs (%d bytes) by %s", len(rows), size, reason)
+    async def _evict(self, rows: list[BlobRow], reason: str) -> int:
+        """Remove rows; count and return only those this pass removed."""
+        removed = await self.cache.remove(rows)
+        if not removed:
+            return 0
+        size = sum(row.size for row in removed)
+        log.info("evicted %d blobs (%d bytes) by %s", len(removed), size, reason)
         if self.on_evict is not None:
-            self.on_evict(reason, len(rows), size)
+            self.on_evict(reason, len(removed), size)
+        return len(removed)

@@ -1,22 +1,23 @@
 """A blob being downloaded into the store, readable by many clients while it grows.
 
 The writer (the app's download task) calls `start`, `append`, then `verify` or `fail`.
-Readers stream with `read_range` from their own dup of the temp file's fd; a reader at the
-front takes the chunk just written from memory instead of the file.
+Readers stream from their own dup of the temp file's fd (`spans`, `read_range`).
 
-Two rules keep clients safe:
+Three rules keep clients safe:
 - the last byte of every response is held back until the whole blob has verified, so a
   corrupt download ends in a cut-off body, never a complete-looking wrong one;
 - when the disk fills up (ENOSPC, or no room in the budget), the fill turns pass-through:
   what is on disk stays readable through the fds, later chunks are kept in memory until
-  every reader has taken them (the download waits for the slowest), and nothing is
-  committed. Clients still get the full, verified response.
+  every reader has taken them, and nothing is committed. Clients still get the full,
+  verified response;
+- a pass-through download runs at most PASSTHROUGH_BUFFER ahead of its slowest reader,
+  and a reader that takes nothing for `stall_timeout` is dropped (its response is cut
+  off), so a client that stops reading can hold neither memory nor the download.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import os
 from collections import deque
@@ -25,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from cache.digests import Digest
-from cache.errors import DigestMismatch, FillFailed, SizeMismatch
+from cache.errors import DISK_FULL_ERRNOS, DigestMismatch, FillFailed, SizeMismatch
 
 READ_CHUNK = 1 << 20
-PASSTHROUGH_BUFFER = 32 << 20  # bytes held for slow readers before the download waits
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+PASSTHROUGH_BUFFER = 4 << 20  # bytes held for slow readers before the download waits
 
 
 class Fill:
-    def __init__(self, digest: Digest, fd: int, temp: Path) -> None:
+    def __init__(self, digest: Digest, fd: int, temp: Path, stall_timeout: float = 30.0) -> None:
         self.digest = digest
+        self.stall_timeout = stall_timeout
         self.temp = temp
         self.fd = fd
         self.size: int | None = None
@@ -46,8 +47,10 @@ class Fill:
         self.settled = asyncio.Event()  # committed, passed through or abandoned: all done
         self.on_passthrough: Callable[[Fill], None] | None = None
         self._hasher: Any = digest.hasher()
-        self._chunks: deque[tuple[int, bytes]] = deque(maxlen=1)  # (offset, bytes) in memory
+        # Pass-through only: (offset, bytes) not on disk, until every reader has taken them.
+        self._chunks: deque[tuple[int, bytes]] = deque()
         self._cursors: dict[int, int] = {}
+        self._dropped: set[int] = set()  # readers cut off for taking nothing
         self._ids = itertools.count()
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[None] = loop.create_future()
@@ -76,12 +79,12 @@ class Fill:
                 await loop.run_in_executor(None, self._write, chunk, self.on_disk)
                 self.on_disk += len(chunk)
             except OSError as exc:
-                if exc.errno not in DISK_FULL:
+                if exc.errno not in DISK_FULL_ERRNOS:
                     raise
                 self.go_passthrough()
         if self.passthrough:
             await loop.run_in_executor(None, self._hasher.update, chunk)
-        self._chunks.append((self.written, chunk))
+            self._chunks.append((self.written, chunk))
         self.written += len(chunk)
         self._notify()
         if self.passthrough:
@@ -101,15 +104,30 @@ class Fill:
         if self.passthrough:
             return
         self.passthrough = True
-        self._chunks = deque(self._chunks)  # unbounded now; trimmed as readers advance
         if self.on_passthrough is not None:
             self.on_passthrough(self)
 
     async def _wait_for_readers(self) -> None:
-        while self._cursors and self.written - min(self._cursors.values()) > PASSTHROUGH_BUFFER:
-            await self.wait_change()
-        if not self._cursors:
-            raise FillFailed("disk full and no client left to pass the download through to")
+        """Pass-through: wait until the slowest reader is within PASSTHROUGH_BUFFER. The
+        readers that take nothing for `stall_timeout` are dropped instead."""
+        while self._cursors:
+            slowest = min(self._cursors.values())
+            if self.written - slowest <= PASSTHROUGH_BUFFER:
+                return
+            try:
+                async with asyncio.timeout(self.stall_timeout):
+                    while min(self._cursors.values(), default=None) == slowest:
+                        await self.wait_change()
+            except TimeoutError:
+                self._drop_readers_at(slowest)
+        raise FillFailed("disk full and no client left to pass the download through to")
+
+    def _drop_readers_at(self, pos: int) -> None:
+        for reader in [r for r, at in self._cursors.items() if at == pos]:
+            del self._cursors[reader]
+            self._dropped.add(reader)
+        self._trim()
+        self._notify()
 
     def verify(self) -> None:
         """All bytes are in: check size and digest, and release the held-back bytes."""
@@ -155,16 +173,27 @@ class Fill:
         return reader
 
     def advance(self, reader: int, pos: int) -> None:
+        if reader in self._dropped:
+            raise FillFailed(
+                f"the client took nothing for {self.stall_timeout:g}s of a pass-through"
+                f" download of {self.digest}"
+            )
         self._cursors[reader] = pos
         if self.passthrough:
-            low = min(self._cursors.values())
-            while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= low:
-                self._chunks.popleft()
+            self._trim()
             self._notify()
 
     def detach(self, reader: int) -> None:
         self._cursors.pop(reader, None)
+        self._dropped.discard(reader)
+        self._trim()
         self._notify()
+
+    def _trim(self) -> None:
+        """Forget the chunks in memory that every reader has taken."""
+        low = min(self._cursors.values(), default=self.written)
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= low:
+            self._chunks.popleft()
 
     def in_memory(self, pos: int, n: int) -> bytes | None:
         """The bytes at `pos` if a chunk in memory holds them: saves a read syscall."""

@@ -11,16 +11,31 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
-from cache.errors import StoreClosed
+from cache.errors import DiskFull, StoreClosed
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+SCHEMA_VERSION = 2
+# Upstream's latest answer for a tag, one row per set of media types a client accepted:
+# a client that takes an index and one that takes only image manifests may be given
+# different manifests for one tag, and each answer has its own age.
+_TAGS = """
+CREATE TABLE tags (
+    upstream   TEXT NOT NULL,
+    repo       TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    accept     TEXT NOT NULL,       -- the accepted media types, sorted; '*/*' for any
+    media_type TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    checked    REAL NOT NULL,       -- when upstream last confirmed this answer
+    PRIMARY KEY (upstream, repo, tag, accept)
+) WITHOUT ROWID;
+"""
+SCHEMA = f"""
 CREATE TABLE blobs (
     digest      TEXT PRIMARY KEY,
     size        INTEGER NOT NULL,
@@ -38,19 +53,20 @@ CREATE TABLE repo_blobs (
     PRIMARY KEY (upstream, repo, digest)
 ) WITHOUT ROWID;
 CREATE INDEX repo_blobs_by_digest ON repo_blobs (digest);
-
--- A tag's answer, one row per media type: clients with different Accept headers may get
--- different manifests for one tag (an index, or one platform's manifest).
-CREATE TABLE tags (
-    upstream   TEXT NOT NULL,
-    repo       TEXT NOT NULL,
-    tag        TEXT NOT NULL,
-    media_type TEXT NOT NULL,
-    digest     TEXT NOT NULL,
-    checked    REAL NOT NULL,       -- when upstream last confirmed this answer
-    PRIMARY KEY (upstream, repo, tag, media_type)
-) WITHOUT ROWID;
-"""
+{_TAGS}"""
+# Scripts that bring an index of version N to N + 1.
+MIGRATIONS = {
+    # Version 1 kept one tag row per media type, not per Accept. Those rows can't say
+    # which clients they answered, so they stay only as stale-if-error fallbacks.
+    1: f"""
+ALTER TABLE tags RENAME TO tags_v1;
+{_TAGS}
+INSERT INTO tags SELECT upstream, repo, tag, 'v1:' || media_type, media_type, digest, checked
+    FROM tags_v1;
+DROP TABLE tags_v1;
+""",
+}
+SQLITE_FULL = 13  # "database or disk is full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +78,7 @@ class BlobRow:
 
 @dataclass(frozen=True, slots=True)
 class TagRow:
+    accept: str
     media_type: str
     digest: str
     checked: float
@@ -108,12 +125,18 @@ class Index:
         async with self.db.execute("PRAGMA user_version") as cursor:
             row = await cursor.fetchone()
         version = row[0] if row else 0
-        if version == 0:
-            await self.db.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
-            )
-        elif version != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise StoreClosed(f"index schema {version} is newer than this program's")
+        if version == 0:
+            await self._run_script(SCHEMA, SCHEMA_VERSION)
+            return
+        for step in range(version, SCHEMA_VERSION):
+            await self._run_script(MIGRATIONS[step], step + 1)
+
+    async def _run_script(self, script: str, version: int) -> None:
+        await self.db.executescript(
+            f"BEGIN IMMEDIATE; {script} PRAGMA user_version={version}; COMMIT;"
+        )
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -123,11 +146,13 @@ class Index:
                 await db.execute("BEGIN IMMEDIATE")
                 yield db
                 await db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 # Also when cancelled while BEGIN was queued: aiosqlite runs statements in
                 # order, so this ROLLBACK lands after it and no transaction stays open.
                 with contextlib.suppress(sqlite3.OperationalError):
                     await asyncio.shield(db.execute("ROLLBACK"))
+                if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                    raise DiskFull(f"the index could not grow: {exc}") from exc
                 raise
 
     async def _write(self, statements: Iterable[tuple[str, tuple[object, ...]]]) -> None:
@@ -179,19 +204,31 @@ class Index:
             row = await cursor.fetchone()
         return BlobRow(row[0], row[1], row[2]) if row else None
 
-    async def remove_blob(self, digest: str) -> None:
-        await self.remove_blobs([digest])
-
-    async def remove_blobs(self, digests: list[str]) -> None:
+    async def remove_blobs(self, digests: list[str]) -> list[BlobRow]:
+        """Delete these rows; return those that were there. Another process (`pullthrough
+        evict`) may have deleted some already, and their sizes must not count twice."""
         rows = [(digest,) for digest in digests]
         async with self._transaction() as db:
+            removed = []
+            for batch in _batches(digests, 500):  # SQLite caps the parameters per statement
+                marks = ",".join("?" * len(batch))
+                async with db.execute(
+                    f"SELECT digest, size, media_type FROM blobs WHERE digest IN ({marks})", batch
+                ) as cursor:
+                    removed += [BlobRow(r[0], r[1], r[2]) for r in await cursor.fetchall()]
             await db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
             await db.executemany("DELETE FROM repo_blobs WHERE digest = ?", rows)
             await db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+        return removed
 
     async def usage(self) -> tuple[int, int]:
         """(bytes, count) of everything indexed."""
-        async with self.db.execute("SELECT coalesce(sum(size), 0), count(*) FROM blobs") as cursor:
+        # Under the write lock: on the one shared connection, a read between another
+        # coroutine's INSERT and COMMIT would see a row its writer hasn't counted yet.
+        async with (
+            self._write_lock,
+            self.db.execute("SELECT coalesce(sum(size), 0), count(*) FROM blobs") as cursor,
+        ):
             row = await cursor.fetchone()
         return (row[0], row[1]) if row else (0, 0)
 
@@ -239,22 +276,23 @@ class Index:
 
     async def tag_rows(self, upstream: str, repo: str, tag: str) -> list[TagRow]:
         async with self.db.execute(
-            "SELECT media_type, digest, checked FROM tags"
+            "SELECT accept, media_type, digest, checked FROM tags"
             " WHERE upstream = ? AND repo = ? AND tag = ? ORDER BY checked DESC",
             (upstream, repo, tag),
         ) as cursor:
             rows = await cursor.fetchall()
-        return [TagRow(r[0], r[1], r[2]) for r in rows]
+        return [TagRow(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def set_tag(
-        self, upstream: str, repo: str, tag: str, media_type: str, digest: str
+        self, upstream: str, repo: str, tag: str, accept: str, media_type: str, digest: str
     ) -> None:
         await self._write(
             [
                 (
-                    "INSERT OR REPLACE INTO tags (upstream, repo, tag, media_type, digest, checked)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (upstream, repo, tag, media_type, digest, self.clock()),
+                    "INSERT OR REPLACE INTO tags"
+                    " (upstream, repo, tag, accept, media_type, digest, checked)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (upstream, repo, tag, accept, media_type, digest, self.clock()),
                 )
             ]
         )
@@ -266,3 +304,8 @@ class Index:
         ) as cursor:
             rows = await cursor.fetchall()
         return [(r[0], r[1]) for r in rows]
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

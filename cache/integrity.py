@@ -85,7 +85,7 @@ async def reconcile(cache: Cache) -> Report:
             path.unlink(missing_ok=True)
             report.bad.append(str(digest))
             report.removed.append(str(digest))
-    cache.used, cache.count = await cache.index.usage()
+    await cache.recount()
     if report.missing or report.adopted or report.bad:
         log.warning(
             "reconciled the cache: %d rows without files dropped, %d files adopted,"
@@ -114,5 +114,5 @@ async def fsck(cache: Cache, repair: bool = False) -> Report:
         doomed = report.bad + report.missing
         await cache.index.remove_blobs(doomed)
         report.removed = doomed
-        cache.used, cache.count = await cache.index.usage()
+        await cache.recount()
     return report

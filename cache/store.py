@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
@@ -21,8 +20,8 @@ from pathlib import Path
 
 from cache.blobstore import BlobStore
 from cache.digests import Digest
-from cache.errors import StoreClosed
-from cache.fill import DISK_FULL, Fill
+from cache.errors import DISK_FULL_ERRNOS, DiskFull, StoreClosed
+from cache.fill import Fill
 from cache.index import BlobRow, Index, TagRow
 
 log = logging.getLogger("pullthrough.cache")
@@ -62,8 +61,8 @@ class Cache:
         self.clock = clock
         self.files = BlobStore(root)
         self.index = Index(root / "index.db", clock)
-        self.used = 0  # bytes indexed
-        self.count = 0  # blobs indexed
+        self._used = 0  # bytes indexed
+        self._count = 0  # blobs indexed
         self.on_disk_full: Callable[[], object] | None = None
         self.over_budget = asyncio.Event()  # wakes the evictor
         self._fills: dict[Digest, Fill] = {}
@@ -77,8 +76,23 @@ class Cache:
             raise StoreClosed(f"cache is {self._state}")
         await asyncio.to_thread(self.files.prepare, clear_debris)
         await self.index.open()
-        self.used, self.count = await self.index.usage()
+        await self.recount()
         self._state = "open"
+
+    @property
+    def used(self) -> int:
+        """Bytes indexed, as of the last change this process made or `recount`."""
+        return self._used
+
+    @property
+    def count(self) -> int:
+        """Blobs indexed."""
+        return self._count
+
+    async def recount(self) -> None:
+        """Read usage from the index: another process (`pullthrough evict`, `gc`, `fsck`)
+        may have changed it."""
+        self._used, self._count = await self.index.usage()
 
     async def close(self) -> None:
         if self._state == "closed":
@@ -129,9 +143,14 @@ class Cache:
     async def flush_access(self) -> None:
         if self._accessed:
             accessed, self._accessed = self._accessed, {}
-            await self.index.touch(accessed)
+            try:
+                await self.index.touch(accessed)
+            except DiskFull:
+                # Keep them for the next flush: eviction must go on when the disk is full.
+                for digest, when in accessed.items():
+                    self._accessed[digest] = max(when, self._accessed.get(digest, when))
 
-    def begin_fill(self, digest: Digest) -> Fill:
+    def begin_fill(self, digest: Digest, stall_timeout: float = 30.0) -> Fill:
         if self._state != "open":
             raise StoreClosed(f"cache is {self._state}")
         if digest in self._fills:
@@ -139,29 +158,34 @@ class Cache:
         try:
             fd, temp = self.files.new_temp(digest)
         except OSError as exc:
-            if exc.errno not in DISK_FULL:
+            if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             fd, temp = -1, self.files.tmp / "none"
-        fill = Fill(digest, fd, temp)
+        fill = Fill(digest, fd, temp, stall_timeout)
         fill.on_passthrough = self._disk_full
         self._fills[digest] = fill
         if fd < 0:
             fill.go_passthrough()
         return fill
 
-    def reserved(self, besides: Fill | None = None) -> int:
-        """Bytes that fills in progress will add when they commit."""
-        return sum(f.size or 0 for f in self._fills.values() if f is not besides)
+    def reserved(self) -> int:
+        """Bytes that fills in progress will add when they commit (a fill's size counts
+        from the moment eviction made room for it)."""
+        return sum(f.size or 0 for f in self._fills.values())
 
     def _disk_full(self, fill: Fill) -> None:
         """A fill turned pass-through: no new readers join it, and eviction starts."""
-        if self.on_disk_full is not None:
-            self.on_disk_full()
-        log.warning("not caching %s: no space left (disk full or budget spent)", fill.digest)
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
         with contextlib.suppress(FileNotFoundError):
             fill.temp.unlink()  # readers keep their fds; the space comes back when they close
+        self._note_disk_full(str(fill.digest))
+
+    def _note_disk_full(self, what: str) -> None:
+        """Something was served but not stored for lack of space: count it, wake eviction."""
+        if self.on_disk_full is not None:
+            self.on_disk_full()
+        log.warning("not caching %s: no space left (disk full or budget spent)", what)
         self.over_budget.set()
 
     @property
@@ -180,6 +204,12 @@ class Cache:
                 return False
             await asyncio.to_thread(self.files.commit, fill.fd, fill.temp, fill.digest)
             await self._indexed(str(fill.digest), fill.written, None, upstream, repo)
+        except DiskFull:
+            # Verified and served, but the index has no room: drop the file it would describe.
+            await asyncio.to_thread(self.files.remove, fill.digest)
+            self._forget(fill)
+            self._note_disk_full(str(fill.digest))
+            return False
         except BaseException as exc:
             self.abandon_fill(fill, exc)
             raise
@@ -207,20 +237,24 @@ class Cache:
         self, digest: str, size: int, media_type: str | None, upstream: str, repo: str
     ) -> None:
         if await self.index.add_blob(digest, size, media_type, upstream, repo):
-            self.used += size
-            self.count += 1
-            if self.used > self.budget.max_size * self.budget.high_watermark:
+            self._used += size
+            self._count += 1
+            if self._used > self.budget.max_size * self.budget.high_watermark:
                 self.over_budget.set()
 
-    async def remove(self, rows: list[BlobRow]) -> None:
+    async def remove(self, rows: list[BlobRow]) -> list[BlobRow]:
         """Evict: files first, then rows. A crash in between leaves rows without files,
-        which lookups and reconciliation drop. Open readers keep their fds."""
+        which lookups and reconciliation drop. Open readers keep their fds.
+
+        Returns the rows this call removed from the index: not those that another process
+        removed first, so nothing is subtracted or counted twice."""
         await asyncio.to_thread(self._unlink_all, rows)
-        await self.index.remove_blobs([row.digest for row in rows])
-        for row in rows:
+        removed = await self.index.remove_blobs([row.digest for row in rows])
+        for row in removed:
             self._accessed.pop(row.digest, None)
-        self.used -= sum(row.size for row in rows)
-        self.count -= len(rows)
+        self._used -= sum(row.size for row in removed)
+        self._count -= len(removed)
+        return removed
 
     def _unlink_all(self, rows: list[BlobRow]) -> None:
         for row in rows:
@@ -231,15 +265,14 @@ class Cache:
     async def put_manifest(
         self, digest: Digest, data: bytes, media_type: str, upstream: str, repo: str
     ) -> None:
-        """Store verified manifest bytes exactly as upstream sent them."""
+        """Store verified manifest bytes exactly as upstream sent them; when the disk is
+        full, they are served but not stored."""
         try:
             await asyncio.to_thread(self.files.write, digest, data)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            self.over_budget.set()
-            return  # served, just not cached
-        await self._indexed(str(digest), len(data), media_type, upstream, repo)
+            await self._indexed(str(digest), len(data), media_type, upstream, repo)
+        except DiskFull:
+            await asyncio.to_thread(self.files.remove, digest)
+            self._note_disk_full(f"manifest {digest}")
 
     async def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         row = await self.index.get_blob(str(digest))
@@ -247,9 +280,7 @@ class Cache:
             return None
         data = await asyncio.to_thread(self.files.read_bytes, digest)
         if data is None or len(data) != row.size:
-            await self.index.remove_blob(str(digest))
-            self.used -= row.size
-            self.count -= 1
+            await self.remove([row])
             return None
         self.touch(digest)
         return data, row.media_type
@@ -260,9 +291,14 @@ class Cache:
         return await self.index.tag_rows(upstream, repo, tag)
 
     async def set_tag(
-        self, upstream: str, repo: str, tag: str, media_type: str, digest: Digest
+        self, upstream: str, repo: str, tag: str, accept: str, media_type: str, digest: Digest
     ) -> None:
-        await self.index.set_tag(upstream, repo, tag, media_type, str(digest))
+        """Remember upstream's answer for a tag and an Accept; when the disk is full, the
+        answer was still served, it is just not remembered."""
+        try:
+            await self.index.set_tag(upstream, repo, tag, accept, media_type, str(digest))
+        except DiskFull:
+            self._note_disk_full(f"tag {repo}:{tag}")
 
     async def repositories(self) -> list[tuple[str, str]]:
         return await self.index.repositories()

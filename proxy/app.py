@@ -133,6 +133,7 @@ async def _cache(
 
 
 async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
+    connections = app[CONFIG].upstream_connections
     session = aiohttp.ClientSession(
         auto_decompress=False,
         # Bytes must arrive as upstream stored them, or their digests won't match.
@@ -142,10 +143,12 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
         read_bufsize=UPSTREAM_CHUNK,
         # The pool caps connections per upstream host (a CDN a blob redirects to is its own
         # host), so one busy upstream can't take every socket.
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=app[CONFIG].upstream_connections),
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=connections),
     )
     app[SESSION] = session
-    client = UpstreamClient(session, app[METRICS], TokenCache(), clock=clock)
+    client = UpstreamClient(
+        session, app[METRICS], TokenCache(), clock=clock, connections=connections
+    )
     for upstream in app[CONFIG].upstreams:
         client.breaker(upstream)  # so every upstream's state is exported from the start
     app[UPSTREAM] = client

@@ -5,7 +5,9 @@
     neither             start a fill owned by the app, then read it like any follower
 
 The download is a task of the app's, not of the request: a client that disconnects does
-not cancel it, and later clients join it.
+not cancel it, and later clients join it. Downloads take their upstream connections from
+a share of the pool (`UpstreamClient.download_slot`), so manifests, tokens and HEADs
+always have connections of their own, even while every download is held up.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class BlobService:
         """A readable blob with a known size. The caller closes it."""
         blob = self.cache.open_blob(digest)
         if blob is None:
-            fill = self.cache.begin_fill(digest)
+            # A pass-through download waits for a client that stopped reading no longer
+            # than it would wait for upstream to send something.
+            fill = self.cache.begin_fill(digest, stall_timeout=target.upstream.read_timeout)
             self.tasks.spawn(self._download(target, fill), name=f"fill {digest}")
             blob = self.cache.open_blob(digest)
             assert blob is not None and blob.fill is fill
@@ -91,20 +95,8 @@ class BlobService:
     async def _download(self, target: Target, fill: Fill) -> None:
         digest, upstream = fill.digest, target.upstream
         try:
-            response = await self.client.request(
-                upstream, "GET", f"/v2/{target.repo}/blobs/{digest}", repo=target.repo
-            )
-            self.client.check(upstream, response, _unknown(target, digest))
-            async with response:
-                if response.content_length is None:
-                    # Without a length, a body could run forever; registries always send one.
-                    raise self.client.bad(upstream, "sent a blob without Content-Length")
-                await self.evictor.make_room(fill, response.content_length)
-                fill.start(response.content_length)
-                fetched = self.metrics.upstream_bytes.labels(upstream.name)
-                async for chunk in response.content.iter_chunked(UPSTREAM_CHUNK):
-                    fetched.inc(len(chunk))
-                    await fill.append(chunk)
+            async with self.client.download_slot(upstream):
+                await self._fetch_into(target, fill)
             await self.cache.commit_fill(fill, upstream.name, target.repo)
         except (DigestMismatch, SizeMismatch) as exc:
             # Wrong bytes: nothing is committed, and readers see their bodies cut off.
@@ -126,6 +118,23 @@ class BlobService:
             # Whatever went wrong, the readers must be released, not left waiting.
             log.exception("storing %s failed", digest)
             self.cache.abandon_fill(fill, RegistryError("the mirror could not store the blob"))
+
+    async def _fetch_into(self, target: Target, fill: Fill) -> None:
+        upstream = target.upstream
+        response = await self.client.request(
+            upstream, "GET", f"/v2/{target.repo}/blobs/{fill.digest}", repo=target.repo
+        )
+        self.client.check(upstream, response, _unknown(target, fill.digest))
+        async with response:
+            if response.content_length is None:
+                # Without a length, a body could run forever; registries always send one.
+                raise self.client.bad(upstream, "sent a blob without Content-Length")
+            await self.evictor.make_room(fill, response.content_length)
+            fill.start(response.content_length)
+            fetched = self.metrics.upstream_bytes.labels(upstream.name)
+            async for chunk in response.content.iter_chunked(UPSTREAM_CHUNK):
+                fetched.inc(len(chunk))
+                await fill.append(chunk)
 
 
 def _as_registry_error(error: BaseException) -> RegistryError:

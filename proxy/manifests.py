@@ -6,8 +6,13 @@
     tag         yes, within manifest_ttl         serve from the cache, no upstream request
     tag         yes, older                       HEAD upstream (free against Docker Hub's limit):
                                                  same digest -> serve cached; new -> GET, store
-                                                 upstream fails -> serve the cached answer
-    tag         no (or not for this Accept)      GET upstream, store, remember tag -> digest
+    tag         no (not for this Accept)         GET upstream, store, remember tag -> digest
+    tag         upstream fails on either path    serve the newest cached answer this client
+                                                 accepts (stale-if-error)
+
+"Cached" means upstream's latest answer for this tag *and this Accept*: a client that
+takes an index and one that takes only image manifests may get different answers, and
+each answer ages on its own.
 
 Bytes are served exactly as upstream sent them: never re-serialized or converted.
 """
@@ -67,6 +72,8 @@ class Accept:
         types.discard("")
         self._any = not types or "*/*" in types
         self._types = types
+        # Which remembered answers are this client's: the same set of types, in any order.
+        self.key = "*/*" if self._any else ",".join(sorted(types))
         # For "anything", name the modern types: given only */*, distribution (and Docker
         # Hub) down-convert schema 2 manifests to signed schema 1, with another digest.
         self.header = DEFAULT_ACCEPT if self._any else ", ".join(headers)
@@ -108,43 +115,52 @@ class ManifestService:
         return manifest
 
     async def _by_tag(self, target: Target, tag: str, accept: Accept) -> Manifest:
-        known = self._best(
-            await self.cache.tag_answers(target.upstream.name, target.repo, tag), accept
-        )
-        if known is None:
-            return await self._fetch_tag(target, tag, accept)
-        cached = await self.cache.get_manifest(Digest.parse(known.digest))
-        if cached is None:
-            return await self._fetch_tag(target, tag, accept)
-        hit = Manifest(cached[0], cached[1], Digest.parse(known.digest), "hit")
-        if self.clock() - known.checked < target.upstream.manifest_ttl:
-            return hit
+        rows = await self.cache.tag_answers(target.upstream.name, target.repo, tag)
+        answer = next((row for row in rows if row.accept == accept.key), None)
+        hit = await self._cached(answer) if answer else None
         try:
-            current = await self._head(target, tag, accept)
-            if current == hit.digest:
-                await self._remember(target, tag, hit)
+            if answer is None or hit is None:
+                return await self._fetch_tag(target, tag, accept)
+            if self.clock() - answer.checked < target.upstream.manifest_ttl:
+                return hit
+            if await self._head(target, tag, accept) == hit.digest:
+                await self._remember(target, tag, accept, hit)
                 return hit
             return await self._fetch_tag(target, tag, accept)
         except UpstreamFailed as exc:
+            stale = hit or await self._newest_accepted(rows, accept)
+            if stale is None:
+                raise
             log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
-            return replace(hit, result="stale")
+            return replace(stale, result="stale")
 
-    @staticmethod
-    def _best(rows: list[TagRow], accept: Accept) -> TagRow | None:
-        """The cached answer upstream would give this client: an index if it takes one."""
-        usable = [row for row in rows if accept.accepts(row.media_type)]
-        usable.sort(key=lambda row: (row.media_type in INDEX_TYPES, row.checked), reverse=True)
-        return usable[0] if usable else None
+    async def _cached(self, row: TagRow) -> Manifest | None:
+        digest = Digest.parse(row.digest)
+        cached = await self.cache.get_manifest(digest)
+        return Manifest(cached[0], cached[1], digest, "hit") if cached else None
+
+    async def _newest_accepted(self, rows: list[TagRow], accept: Accept) -> Manifest | None:
+        """Upstream is failing and this client's own answer is gone: the newest answer
+        given to any client, of a type this one accepts (rows come newest first)."""
+        for row in rows:
+            if accept.accepts(row.media_type) and (found := await self._cached(row)):
+                return found
+        return None
 
     async def _fetch_tag(self, target: Target, tag: str, accept: Accept) -> Manifest:
         manifest = await self._fetch(target, tag, accept)
         await self._store(target, manifest)
-        await self._remember(target, tag, manifest)
+        await self._remember(target, tag, accept, manifest)
         return manifest
 
-    async def _remember(self, target: Target, tag: str, manifest: Manifest) -> None:
+    async def _remember(self, target: Target, tag: str, accept: Accept, manifest: Manifest) -> None:
         await self.cache.set_tag(
-            target.upstream.name, target.repo, tag, manifest.media_type, manifest.digest
+            target.upstream.name,
+            target.repo,
+            tag,
+            accept.key,
+            manifest.media_type,
+            manifest.digest,
         )
 
     async def _store(self, target: Target, manifest: Manifest) -> None:

@@ -4,6 +4,10 @@ Over plain HTTP every span of a blob file, committed or still growing, goes out 
 sendfile on the app's `FileSender` threads (figures in `proxy.sendfile`): the bytes stay
 in the kernel, so 8 clients following one fill cost no per-client buffers. Over TLS the
 file is read with pread, and pass-through bytes held in memory are written as they are.
+
+A client that takes no bytes for `client_timeout` is cut off, wherever the response is:
+otherwise a client that stops reading would hold its socket, a file and a dup of the
+socket (and, on a pass-through download, memory) for as long as it likes.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from aiohttp import web
 from cache.errors import FillFailed
 from cache.fill import read_span, spans
 from cache.store import OpenBlob
-from proxy.keys import SENDER
+from proxy.keys import CONFIG, SENDER
 from proxy.observe import BODY_BYTES
 from proxy.ranges import parse_range
+from proxy.stall import unsent, while_taking
 
 log = logging.getLogger("pullthrough.responses")
 
@@ -41,16 +46,24 @@ async def send_blob(
         await _send(request, response, blob, start, stop)
     except ConnectionError:
         return response  # the client hung up; a fill it started carries on regardless
+    except TimeoutError:
+        log.info("cutting off %s: the client took nothing for its timeout", request.rel_url.path)
+        _cut(request, response)
+        return response
     except FillFailed as exc:
         # The download went bad after we began answering: cut the connection, so that the
         # client can't take a short or wrong body for a whole one.
         log.warning("aborting %s: %s", request.rel_url.path, exc)
-        if request.transport is not None:
-            request.transport.abort()
-        response.force_close()
+        _cut(request, response)
         return response
     await response.write_eof()
     return response
+
+
+def _cut(request: web.Request, response: web.StreamResponse) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+    response.force_close()
 
 
 async def _send(
@@ -60,13 +73,17 @@ async def _send(
     plain = isinstance(transport, asyncio.Transport) and not transport.get_extra_info("sslcontext")
     socket = transport if plain else None  # over TLS sendfile would bypass the encryption
     sender = request.app[SENDER]
+    stall = request.app[CONFIG].client_timeout
+
+    async def write(data: bytes) -> None:
+        await while_taking(response.write(data), lambda: unsent(transport), stall)
+        request[BODY_BYTES] += len(data)
+
     async for part in spans(start, stop, blob.fill):
         if isinstance(part, bytes):
-            await response.write(part)
-            request[BODY_BYTES] += len(part)
+            await write(part)
         elif socket is not None:
-            request[BODY_BYTES] += await sender.send(socket, blob.fd, part)
+            request[BODY_BYTES] += await sender.send(socket, blob.fd, part, stall)
         else:
             for data in read_span(blob.fd, part):
-                await response.write(data)
-                request[BODY_BYTES] += len(data)
+                await write(data)

@@ -14,7 +14,8 @@ core instead of queueing on the loop's.
 A job is a short burst on one connection: it sends until the span is done, `BURST`
 bytes went, `BURST_SECONDS` passed or the socket stayed full for `STALL_MS`. A slow
 client then waits on the event loop, not on a thread, and the pool stays free for the
-others.
+others. A client that takes nothing for the caller's `stall_timeout` (`proxy.stall`) gets
+TimeoutError.
 
 Safety: the transport's socket is used by two threads at once only in a way asyncio
 itself allows for `loop.sendfile`: its write buffer is empty and its reading paused, so
@@ -33,6 +34,7 @@ import socket
 import time
 
 from cache.errors import FillFailed
+from proxy.stall import unsent, unsent_in_kernel, while_taking
 
 BURST = 64 << 20
 BURST_SECONDS = 0.05
@@ -71,14 +73,19 @@ class FileSender:
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "sendfile")
         self._closed = False
 
-    async def send(self, transport: asyncio.Transport, fd: int, span: tuple[int, int]) -> int:
+    async def send(
+        self, transport: asyncio.Transport, fd: int, span: tuple[int, int], stall_timeout: float
+    ) -> int:
         """Send bytes [span[0], span[0] + span[1]) of file `fd`; return how many went.
 
-        Raises ConnectionError when the client hangs up, FillFailed when the file is
-        shorter than the span."""
+        Raises ConnectionError when the client hangs up, TimeoutError when it takes
+        nothing for `stall_timeout` seconds, FillFailed when the file is shorter than
+        the span."""
         if self._closed:
             raise RuntimeError("FileSender is closed")
-        sock = await _quiet_socket(transport)
+        sock = await while_taking(
+            _quiet_socket(transport), lambda: unsent(transport), stall_timeout
+        )
         out = os.dup(sock.fileno())
         reading = transport.is_reading()
         if reading:
@@ -90,7 +97,7 @@ class FileSender:
                 job = self._pool.submit(_burst, out, fd, offset + sent, count - sent)
                 n = await asyncio.wrap_future(job)
                 if n == _FULL:
-                    await _writable(out)
+                    await while_taking(_writable(out), lambda: unsent_in_kernel(out), stall_timeout)
                 else:
                     sent += n
             return sent

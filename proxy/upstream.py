@@ -11,6 +11,7 @@ credentials where they belong:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -40,6 +41,9 @@ from proxy.tls import upstream_ssl
 log = logging.getLogger("pullthrough.upstream")
 
 MAX_REDIRECTS = 5
+# Connections to each upstream kept for everything but blob downloads (manifests, tokens,
+# HEADs, listings): a quarter of the pool, at least one and at most this many.
+RESERVED_CONNECTIONS = 4
 LOW_RATELIMIT = 10  # pulls left at which a warning is logged
 _REDIRECTS = {301, 302, 303, 307, 308}
 
@@ -53,14 +57,28 @@ class UpstreamClient:
         metrics: Metrics,
         tokens: TokenCache | None = None,
         clock: Callable[[], float] = time.monotonic,
+        connections: int = 32,
     ) -> None:
         self.session = session
+        self.connections = connections
         self.metrics = metrics
         self.tokens = tokens or TokenCache()
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._ssl_contexts: dict[str, ssl.SSLContext | bool] = {}
+        self._download_slots: dict[str, asyncio.Semaphore] = {}
+
+    def download_slot(self, upstream: UpstreamConfig) -> asyncio.Semaphore:
+        """Held for a whole blob download. Downloads get the pool less a reserve, so the
+        other requests to this upstream never queue behind them (a download may stall for
+        as long as its slowest client allows)."""
+        if upstream.name not in self._download_slots:
+            reserve = min(RESERVED_CONNECTIONS, self.connections // 4) or 1
+            self._download_slots[upstream.name] = asyncio.Semaphore(
+                max(1, self.connections - reserve)
+            )
+        return self._download_slots[upstream.name]
 
     def _ssl(self, upstream: UpstreamConfig) -> ssl.SSLContext | bool:
         if upstream.name not in self._ssl_contexts:

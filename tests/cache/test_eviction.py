@@ -12,6 +12,7 @@ import pytest
 
 from cache.digests import Digest
 from cache.eviction import Evictor
+from cache.fill import Fill
 from cache.store import Budget, Cache
 from tests.cache.helpers import random_blob, store_blob
 from tests.mirror import FakeClock
@@ -112,10 +113,57 @@ async def test_make_room_evicts_or_passes_through(cache: Cache, clock: FakeClock
     assert not fits.passthrough and cache.used + 30 * KB <= 100 * KB
     cache.abandon_fill(fits, RuntimeError("test over"))
 
+    used = cache.used
     too_big = cache.begin_fill(Digest.of(b"b" * 200 * KB))
     await evictor.make_room(too_big, 200 * KB)
     assert too_big.passthrough
+    assert cache.used == used  # emptying the cache would not have made it fit
     cache.abandon_fill(too_big, RuntimeError("test over"))
+
+
+async def test_downloads_starting_together_stay_within_the_budget(
+    cache: Cache, clock: FakeClock
+) -> None:
+    """Four downloads ask for room at once, as the layers of one image do. Each must count
+    the others' room as taken, and no blob may be evicted, or counted, twice."""
+    evicted: list[int] = []
+    evictor = Evictor(cache, 30 * DAY, clock, on_evict=lambda _r, _n, size: evicted.append(size))
+    for _ in range(8):
+        await store_blob(cache, random_blob(10 * KB))
+        clock.advance(1)
+    layers = [random_blob(20 * KB) for _ in range(4)]
+    fills = [cache.begin_fill(Digest.of(layer)) for layer in layers]
+
+    async def download(fill: Fill, data: bytes) -> None:
+        await evictor.make_room(fill, len(data))  # as BlobService does: room, then start
+        fill.start(len(data))
+        await fill.append(data)
+        await cache.commit_fill(fill, "docker.io", "library/app")
+
+    await asyncio.gather(*(download(f, layer) for f, layer in zip(fills, layers, strict=True)))
+    indexed = await cache.index.usage()
+    assert indexed[0] <= 100 * KB
+    assert (cache.used, cache.count) == indexed
+    assert sum(evicted) == 80 * KB + 80 * KB - indexed[0]  # each evicted blob counted once
+    assert all(str(Digest.of(layer)) in on_disk(cache) for layer in layers)
+
+
+async def test_rows_another_process_evicted_are_not_subtracted_twice(
+    cache: Cache, clock: FakeClock
+) -> None:
+    for _ in range(5):
+        await store_blob(cache, random_blob(10 * KB))
+    chosen = await cache.index.least_recent(10)  # a pass chose its victims...
+    other = Cache(cache.root, cache.budget, clock)  # ...then `pullthrough evict --to 0` ran
+    await other.open(clear_debris=False)
+    try:
+        await Evictor(other, 30 * DAY, clock).shrink_to(0, "manual")
+    finally:
+        await other.close()
+    await cache.recount()
+    assert (cache.used, cache.count) == (0, 0)
+    assert await cache.remove(chosen) == []  # nothing left for this pass to remove
+    assert (cache.used, cache.count) == (0, 0)
 
 
 async def test_choosing_victims_uses_the_index_with_a_million_blobs(tmp_path: Path) -> None:
@@ -156,7 +204,7 @@ async def test_concurrent_index_writes_do_not_interleave(cache: Cache) -> None:
     digests = await asyncio.gather(*(store_blob(cache, b) for b in blobs))
     await asyncio.gather(
         *(
-            cache.set_tag("docker.io", "library/app", f"t{n}", "x/y", d)
+            cache.set_tag("docker.io", "library/app", f"t{n}", "*/*", "x/y", d)
             for n, d in enumerate(digests)
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -80,3 +81,45 @@ async def test_enospc_mid_download_still_serves_every_client_in_full(
     async with asyncio.timeout(5):
         while small_digest not in mirror.stored_blobs():  # noqa: ASYNC110 - disk poll
             await asyncio.sleep(0.01)
+
+
+def fill_up(path: Path) -> None:
+    """Write `path` until the file system has no room left."""
+    with path.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+async def test_manifests_are_served_but_not_remembered_when_the_disk_is_full(
+    small_disk: Path, fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    image = fake_upstream.add_image(REPO, "v1", layers=(os.urandom(100_000),))
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
+        cache={"path": str(small_disk / "cache")},
+    )
+    filler = small_disk / "filler"
+    fill_up(filler)
+
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    for path in ("/v2/app/manifests/v1", f"/v2/app/manifests/{image.manifest_digest}"):
+        async with mirror.get(path, headers=accept) as response:
+            assert response.status == 200, await response.text()
+            assert await response.read() == image.manifest
+        async with mirror.head(path, headers=accept) as response:
+            assert response.status == 200
+    assert await fetch(mirror, f"/v2/app/blobs/{image.layer_digests[0]}")
+    assert await mirror.metric("pullthrough_disk_full_total") >= 3  # manifest, tag, blob
+
+    # Room again: the tag's answer is remembered, and served without asking upstream.
+    filler.unlink()
+    async with mirror.get("/v2/app/manifests/v1", headers=accept) as response:
+        assert response.status == 200
+    fake_upstream.clear()
+    async with mirror.get("/v2/app/manifests/v1", headers=accept) as response:
+        assert await response.read() == image.manifest
+    assert fake_upstream.requests == []

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 from proxy.keys import CACHE, EVICTOR
 from tests.fake_upstream.server import FakeUpstream
 from tests.mirror import MakeMirror, Mirror
+from tests.proxy.test_cli import run
 
 REPO = "library/app"
 KiB = 1024
@@ -73,3 +75,74 @@ async def test_a_cached_manifest_whose_blobs_were_evicted_still_pulls(
     for digest in image.layer_digests:
         await fetch(mirror, f"/v2/app/blobs/{digest}")
     assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{image.layer_digests[0]}") == 1
+
+
+def bytes_on_disk(mirror: Mirror) -> int:
+    return sum(p.stat().st_size for p in (mirror.cache_dir / "blobs").glob("*/*/*"))
+
+
+async def settled(mirror: Mirror) -> None:
+    """No download in progress: every fill has committed, passed through or failed."""
+    cache = mirror.app[CACHE]
+    async with asyncio.timeout(5):
+        while cache.fills_in_progress:  # noqa: ASYNC110 - fills end in background tasks
+            await asyncio.sleep(0.01)
+
+
+async def test_layers_pulled_together_stay_within_max_size_and_are_counted_once(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
+        cache={"max_size": "1000KiB"},
+    )
+    cache = mirror.app[CACHE]
+    fetched = 0
+    for _ in range(3):  # three images of four layers, each image's layers in parallel
+        layers = [os.urandom(200 * KiB) for _ in range(4)]
+        digests = [fake_upstream.add_blob(REPO, layer) for layer in layers]
+        paths = [f"/v2/app/blobs/{digest}" for digest in digests]
+        assert await asyncio.gather(*(fetch(mirror, path) for path in paths)) == layers
+        fetched += sum(map(len, layers))
+        await settled(mirror)
+        indexed, _ = await cache.index.usage()
+        assert indexed <= 1000 * KiB
+        assert bytes_on_disk(mirror) <= 1000 * KiB
+        mirror.clock.advance(1)
+
+    await mirror.app[EVICTOR].run_once()  # waits for a pass in the background to finish
+    indexed, count = await cache.index.usage()
+    assert (cache.used, cache.count) == (indexed, count)
+    assert bytes_on_disk(mirror) == indexed
+    assert await mirror.metric("pullthrough_cache_size_bytes") == indexed
+    evicted = await mirror.metric('pullthrough_evicted_bytes_total{reason="size"}')
+    assert evicted == fetched - indexed  # every evicted blob counted once
+
+
+async def test_an_eviction_by_the_cli_is_seen_by_the_running_server(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
+        cache={"max_size": "1000KiB"},
+    )
+    blobs = [os.urandom(300 * KiB) for _ in range(3)]
+    for blob in blobs:
+        digest = fake_upstream.add_blob(REPO, blob)
+        assert await fetch(mirror, f"/v2/app/blobs/{digest}") == blob
+        await mirror.wait_committed(digest)
+
+    (tmp_path / "cli.yaml").write_text(
+        f"cache: {{path: '{mirror.cache_dir}', max_size: 1000KiB}}\n"
+        f"upstreams: [{{name: docker.io, url: '{fake_upstream.url}', default: true}}]\n"
+    )
+    code, out = await run("evict", "--to", "0", "--config", "cli.yaml", cwd=tmp_path)
+    assert code == 0, out
+
+    # 500 KiB fits only if the server sees the room the CLI made.
+    big = os.urandom(500 * KiB)
+    digest = fake_upstream.add_blob(REPO, big)
+    assert await fetch(mirror, f"/v2/app/blobs/{digest}") == big
+    await mirror.wait_committed(digest)
+    assert await mirror.metric("pullthrough_disk_full_total") == 0
+    assert await mirror.metric("pullthrough_cache_size_bytes") == 500 * KiB

@@ -98,6 +98,66 @@ async def test_upstream_failure_serves_the_cached_tag(
     assert (await get(mirror, "v1"))[:3:2] == (200, data)
 
 
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+BOTH = f"{OCI_INDEX}, {OCI_MANIFEST}"  # what a multi-platform client sends
+
+
+async def get_accepting(mirror: Mirror, accept: str) -> tuple[int, str]:
+    async with mirror.get("/v2/app/manifests/v1", headers={"Accept": accept}) as response:
+        await response.read()
+        return response.status, response.headers.get("Docker-Content-Digest", "")
+
+
+async def test_a_tag_that_turns_from_index_to_manifest_is_fresh_and_its_fallback(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    fake_upstream.add_manifest(REPO, "v1", index, OCI_INDEX)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    await get_accepting(mirror, BOTH)
+    single = fake_upstream.add_manifest(REPO, "v1", manifest_bytes(1), OCI_MANIFEST)
+    mirror.clock.advance(TTL + 1)
+    assert await get_accepting(mirror, BOTH) == (200, single)  # HEAD, then GET
+
+    # The newest answer is the one whose age counts: within the TTL, upstream is not asked.
+    fake_upstream.clear()
+    for _ in range(5):
+        mirror.clock.advance(TTL / 10)
+        assert await get_accepting(mirror, BOTH) == (200, single)
+    assert upstream_manifest_requests(fake_upstream) == []
+
+    # And it is the one served when upstream fails: never a rollback to the index.
+    fake_upstream.set_fault("v1", Fault(status=503, methods=("GET", "HEAD")))
+    mirror.clock.advance(TTL + 1)
+    assert await get_accepting(mirror, BOTH) == (200, single)
+    assert upstream_manifest_requests(fake_upstream) == ["HEAD"]
+
+
+async def test_clients_with_different_accepts_each_get_their_own_answer(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    """Upstream may answer one tag with an index to one client and with one platform's
+    manifest to a client that takes no index: neither answer is served to the other."""
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    index_digest = fake_upstream.add_manifest(REPO, "v1", index, OCI_INDEX)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    assert await get_accepting(mirror, BOTH) == (200, index_digest)
+    # Played by hand: the upstream now answers the single-manifest client differently.
+    single = fake_upstream.add_manifest(REPO, "v1", manifest_bytes(1), OCI_MANIFEST)
+    assert await get_accepting(mirror, OCI_MANIFEST) == (200, single)
+    fake_upstream.add_manifest(REPO, "v1", index, OCI_INDEX)
+
+    fake_upstream.clear()
+    assert await get_accepting(mirror, BOTH) == (200, index_digest)
+    assert await get_accepting(mirror, f"{OCI_MANIFEST}, {OCI_INDEX}") == (200, index_digest)
+    assert await get_accepting(mirror, OCI_MANIFEST) == (200, single)
+    assert upstream_manifest_requests(fake_upstream) == []
+
+    # Upstream down and a client with an Accept never seen: the newest answer it accepts.
+    fake_upstream.set_fault("v1", Fault(status=503, methods=("GET", "HEAD")))
+    assert await get_accepting(mirror, f"{OCI_MANIFEST}, text/plain") == (200, single)
+
+
 async def test_failures_with_nothing_cached(
     fake_upstream: FakeUpstream, make_mirror: MakeMirror
 ) -> None:

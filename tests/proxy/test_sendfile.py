@@ -57,6 +57,9 @@ async def connection(
         await server.wait_closed()
 
 
+STALL = 30.0  # seconds a client may take nothing: longer than any of these tests
+
+
 @pytest.fixture
 def sender() -> Iterator[FileSender]:
     sender = FileSender()
@@ -79,7 +82,7 @@ async def test_sends_exactly_the_span(sender: FileSender, blob: tuple[int, bytes
     async with connection() as (transport, reader, _):
         start, count = 12_345, len(data) - 20_000
         sent, got = await asyncio.gather(
-            sender.send(transport, fd, (start, count)), reader.readexactly(count)
+            sender.send(transport, fd, (start, count), STALL), reader.readexactly(count)
         )
         assert sent == count
         assert got == data[start : start + count]
@@ -97,7 +100,9 @@ async def test_a_slow_reader_gets_every_byte(sender: FileSender, blob: tuple[int
                 await asyncio.sleep(0.002)  # the socket fills; the sender waits on the loop
             return b"".join(chunks)
 
-        sent, got = await asyncio.gather(sender.send(transport, fd, (0, len(data))), read_slowly())
+        sent, got = await asyncio.gather(
+            sender.send(transport, fd, (0, len(data)), STALL), read_slowly()
+        )
         assert sent == len(data)
         assert got == data
 
@@ -108,7 +113,7 @@ async def test_a_client_hanging_up_is_a_connection_error(
     fd, data = blob
     before = open_fds()
     async with connection(rcvbuf=16 * 1024) as (transport, reader, client):
-        sending = asyncio.create_task(sender.send(transport, fd, (0, len(data))))
+        sending = asyncio.create_task(sender.send(transport, fd, (0, len(data)), STALL))
         await reader.readexactly(64 * 1024)
         # SO_LINGER 0: close with a reset, the way a killed client's kernel does.
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -123,7 +128,7 @@ async def test_a_file_shorter_than_the_span_fails(
 ) -> None:
     fd, data = blob
     async with connection() as (transport, reader, _):
-        sending = asyncio.create_task(sender.send(transport, fd, (0, len(data) + 1)))
+        sending = asyncio.create_task(sender.send(transport, fd, (0, len(data) + 1), STALL))
         got = await reader.readexactly(len(data))  # everything the file has goes out
         with pytest.raises(FillFailed, match="ended at"):
             await sending
@@ -138,7 +143,7 @@ async def test_a_cancelled_send_closes_its_descriptor_and_resumes_reading(
     fd, data = blob
     async with connection(rcvbuf=16 * 1024) as (transport, _reader, _):
         connected = open_fds()
-        sending = asyncio.create_task(sender.send(transport, fd, (0, len(data))))
+        sending = asyncio.create_task(sender.send(transport, fd, (0, len(data)), STALL))
         await asyncio.sleep(after)  # the client reads nothing: the sender gets stuck
         if after:
             assert not transport.is_reading()
@@ -156,4 +161,4 @@ async def test_a_closed_sender_refuses_work(blob: tuple[int, bytes]) -> None:
     sender.close()  # idempotent
     async with connection() as (transport, _reader, _):
         with pytest.raises(RuntimeError, match="closed"):
-            await sender.send(transport, blob[0], (0, 1))
+            await sender.send(transport, blob[0], (0, 1), STALL)
