@@ -1,7 +1,7 @@
 """Checking the store against its index: at start-up (`reconcile`) and on demand (`fsck`).
 
 found                                   reconcile                 fsck
-debris in tmp/                          deleted (BlobStore.prepare, before serving)
+debris in tmp/                          deleted (BlobFiles.prepare, before serving)
 a row whose file is gone                row dropped               reported; --repair drops
 a file without a row (crash between     re-hashed, then adopted   reported
   rename and insert)                      or deleted

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.blobstore import BlobStore
 from cache.digests import Digest
 from cache.errors import DISK_FULL_ERRNOS, DiskFull, StoreClosed
+from cache.files import BlobFiles
 from cache.fill import Fill
 from cache.index import BlobRow, Index, TagRow
 
@@ -59,7 +59,7 @@ class Cache:
         self.root = root
         self.budget = budget
         self.clock = clock
-        self.files = BlobStore(root)
+        self.files = BlobFiles(root)
         self.index = Index(root / "index.db", clock)
         self._used = 0  # bytes indexed
         self._count = 0  # blobs indexed
@@ -280,7 +280,8 @@ class Cache:
             return None
         data = await asyncio.to_thread(self.files.read_bytes, digest)
         if data is None or len(data) != row.size:
-            await self.remove([row])
+            with contextlib.suppress(DiskFull):  # dropped on a later lookup instead
+                await self.remove([row])
             return None
         self.touch(digest)
         return data, row.media_type

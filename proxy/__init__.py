@@ -1,1 +1,24 @@
-"""The HTTP side of pullthrough: the OCI read API, routing, and upstream access."""
+"""The HTTP side of pullthrough: the OCI read API, routing, and upstream access.
+
+The layers, top to bottom. A module imports only from its own layer or those below it,
+and `cache` (storage) never imports from `proxy`.
+
+    HTTP surface     app.py          routes, middleware, the resources the app owns (keys.py)
+                     handlers.py     thin handlers: parse, call one service, respond
+                     responses.py    streaming a blob body (sendfile.py, stall.py)
+                     client_auth.py  logins of the mirror's own clients (htpasswd)
+                     observe.py      request ids, access log, request metrics (metrics.py)
+                     errors.py       the OCI error envelope for every error
+    lookup rules     manifests.py    by digest / by tag, TTLs, stale-if-error
+                     blobs.py        stored / filling / download, one download per blob
+                     passthrough.py  tag lists and referrers, asked upstream every time
+                     routing.py      which upstream and repository a name means
+                     references.py   strict parsing of names, tags and digests (ranges.py)
+    upstream         upstream.py     requests, redirects, timeouts, error mapping
+                     upstream_auth.py  challenges and bearer tokens
+                     breaker.py      a circuit breaker per upstream; coalesce.py
+    storage          cache/          files, fills in progress, the SQLite index, eviction
+    operations       cli.py          serve, warm, stats, gc, evict, fsck (warm.py)
+                     config.py       mirror.yaml into the frozen settings.py dataclasses
+                     logs.py, tls.py, tasks.py
+"""

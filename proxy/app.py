@@ -20,9 +20,8 @@ from cache.eviction import Evictor
 from cache.integrity import reconcile
 from cache.store import Budget, Cache
 from proxy import handlers
-from proxy.access import authenticator
-from proxy.auth import TokenCache
 from proxy.blobs import UPSTREAM_CHUNK, BlobService
+from proxy.client_auth import authenticator
 from proxy.config import CacheConfig, Config
 from proxy.errors import error_middleware
 from proxy.keys import (
@@ -47,6 +46,7 @@ from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.tls import warn_insecure
 from proxy.upstream import UpstreamClient
+from proxy.upstream_auth import TokenCache
 from proxy.warm import Warmer, warm_all
 
 NAME = r"{name:[^{}]+?}"

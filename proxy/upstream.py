@@ -23,7 +23,6 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.auth import Challenge, TokenCache, pick_challenge
 from proxy.breaker import CircuitBreaker
 from proxy.config import UpstreamConfig
 from proxy.errors import (
@@ -37,6 +36,7 @@ from proxy.errors import (
 )
 from proxy.metrics import Metrics
 from proxy.tls import upstream_ssl
+from proxy.upstream_auth import Challenge, TokenCache, pick_challenge
 
 log = logging.getLogger("pullthrough.upstream")
 

@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cache.digests import Digest
-from proxy.auth import parse_challenges
 from proxy.errors import DigestInvalid, NameInvalid, RangeNotSatisfiable, RegistryError, TagInvalid
 from proxy.ranges import parse_range
 from proxy.references import check_repository, parse_digest, parse_reference
+from proxy.upstream_auth import parse_challenges
 
 COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 OCI_NAME = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from proxy.auth import TokenCache, parse_challenges
+from proxy.upstream_auth import TokenCache, parse_challenges
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror

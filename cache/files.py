@@ -29,7 +29,7 @@ from cache.digests import Digest
 from cache.errors import DISK_FULL_ERRNOS, DiskFull
 
 
-class BlobStore:
+class BlobFiles:
     """The blobs/ and tmp/ trees under one root."""
 
     def __init__(self, root: Path) -> None:
