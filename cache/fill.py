@@ -257,8 +257,9 @@ async def read_range(
 def read_span(fd: int, span: tuple[int, int]) -> Iterator[bytes]:
     """The bytes of a file span, READ_CHUNK at a time.
 
-    Page-cached reads are fast enough to stay on the loop (FACTS.md: blocking 1 MiB reads
-    match nginx's sendfile); a thread hop per MiB would cost more.
+    Page-cached reads are fast enough to stay on the loop (blocking 1 MiB reads were
+    measured as fast as nginx's sendfile, tests/bench/README.md); a thread hop per MiB
+    would cost more.
     """
     pos, end = span[0], span[0] + span[1]
     while pos < end:

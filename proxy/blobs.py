@@ -30,9 +30,8 @@ from proxy.upstream import UpstreamClient
 
 log = logging.getLogger("pullthrough.blobs")
 
-# Bytes per upstream read, and the client session's read buffer. 64 KiB reads are ~3x
-# slower than 1 MiB ones (FACTS.md). 512 KiB keeps the peak RSS of 8 clients on one cold
-# image at 55 MB instead of 60 (tests/bench), for ~10 % more server CPU per cold pull.
+# Bytes per upstream read, and the client session's read buffer: small reads cost CPU
+# per byte, large ones memory per client (the trade measured in tests/bench/README.md).
 UPSTREAM_CHUNK = 512 << 10
 
 

@@ -15,8 +15,6 @@ from proxy.references import parse_digest, parse_reference
 from proxy.responses import send_blob
 from proxy.routing import Target, client_name, resolve
 
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
-
 
 def _target(request: web.Request) -> Target:
     # Names, tags and digests never need percent-encoding, and a decoded %2F would forge

@@ -1,15 +1,10 @@
 """Sending file spans to clients with sendfile(2) on worker threads.
 
-Measured in tests/bench (warm curl against nginx's sendfile, 2 noisy cores): with 4
-clients in parallel 0.92-1.06x nginx over 9 runs, where 1 MiB views of a memory mapping
-written from the event loop reached 0.67-0.77x in runs alternating with these, and
-asyncio's `loop.sendfile` 0.89x on an earlier day; in sequence 0.88-1.08x, the same as
-the mapping. The mirror's CPU per 2.5 GB fell from 1.0-1.1 s to 0.4-0.5 s.
-
-Two things make the difference. sendfile hands page-cache pages to the socket, so no
-byte passes through Python. And the syscalls run on threads, so the kernel's work for
-several clients (on loopback, the receiver's TCP processing too) is spread over every
-core instead of queueing on the loop's.
+Why threads and sendfile, rather than reads on the event loop or asyncio's own
+`loop.sendfile` (figures in tests/bench/README.md): sendfile hands page-cache pages to
+the socket, so no byte passes through Python. And the syscalls run on threads, so the
+kernel's work for several clients (on loopback, the receiver's TCP processing too) is
+spread over every core instead of queueing on the loop's.
 
 A job is a short burst on one connection: it sends until the span is done, `BURST`
 bytes went, `BURST_SECONDS` passed or the socket stayed full for `STALL_MS`. A slow
@@ -39,7 +34,8 @@ from proxy.stall import unsent, unsent_in_kernel, while_taking
 BURST = 64 << 20
 BURST_SECONDS = 0.05
 STALL_MS = 5
-WORKERS = 4  # 2 cores here; more than the cores so a burst waiting on STALL_MS idles no core
+# More threads than cores, so that a burst waiting up to STALL_MS for room idles no core.
+WORKERS = 2 * (os.cpu_count() or 1)
 _FULL = -1  # a job that found the socket full and sent nothing
 
 
