@@ -248,10 +248,9 @@ class Index:
 
     async def least_recent(self, limit: int, before: float | None = None) -> list[BlobRow]:
         """Eviction candidates, least recently used first (walks blobs_by_last_access)."""
-        if before is None:
-            sql, params = LEAST_RECENT, (limit,)
-        else:
-            sql, params = LEAST_RECENT_BEFORE, (before, limit)
+        sql, params = (
+            (LEAST_RECENT, (limit,)) if before is None else (LEAST_RECENT_BEFORE, (before, limit))
+        )
         async with self.db.execute(sql, params) as cursor:
             rows = await cursor.fetchall()
         return [BlobRow(r[0], r[1], r[2]) for r in rows]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cache.digests import Digest
 from cache.errors import DISK_FULL_ERRNOS, DiskFull, StoreClosed
@@ -25,6 +26,11 @@ from cache.fill import Fill
 from cache.index import BlobRow, Index, TagRow
 
 log = logging.getLogger("pullthrough.cache")
+
+# How a lookup was answered: from a stored file (hit), by joining a download in progress
+# (coalesced), by starting one (miss), or with cached content upstream failed to confirm.
+LookupResult = Literal["hit", "miss", "coalesced", "stale"]
+CacheState = Literal["new", "open", "closed"]
 
 
 @dataclass(slots=True)
@@ -37,7 +43,7 @@ class OpenBlob:
     fd: int
     size: int | None
     fill: Fill | None = None
-    result: str = "hit"  # hit (a stored file), coalesced (joined a fill) or miss (began it)
+    result: LookupResult = "hit"
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -48,8 +54,8 @@ class OpenBlob:
 @dataclass(frozen=True)
 class Budget:
     max_size: int
-    high_watermark: float = 0.9
-    low_watermark: float = 0.8
+    high_watermark: float
+    low_watermark: float
 
 
 class Cache:
@@ -67,7 +73,7 @@ class Cache:
         self.over_budget = asyncio.Event()  # wakes the evictor
         self._fills: dict[Digest, Fill] = {}
         self._accessed: dict[str, float] = {}
-        self._state = "new"
+        self._state: CacheState = "new"
 
     async def open(self, clear_debris: bool = True) -> None:
         """Open the index. `clear_debris` deletes tmp/ leftovers: only the server may, at

@@ -21,7 +21,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch, FillFailed, SizeMismatch
 from cache.eviction import Evictor
 from cache.fill import Fill
-from cache.store import Cache, OpenBlob
+from cache.store import Cache, LookupResult, OpenBlob
 from proxy.errors import BlobUnknown, RegistryError, UpstreamBadResponse, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.routing import Target
@@ -74,7 +74,7 @@ class BlobService:
         blob.size = blob.fill.size
         return blob
 
-    async def size(self, target: Target, digest: Digest) -> tuple[int, str]:
+    async def size(self, target: Target, digest: Digest) -> tuple[int, LookupResult]:
         """The blob's size for HEAD, and the cache's result: from the cache if it can,
         else from an upstream HEAD."""
         blob = self.cache.open_blob(digest)

@@ -30,7 +30,7 @@ import aiohttp
 from cache.digests import Digest
 from cache.errors import InvalidDigest
 from cache.index import TagRow
-from cache.store import Cache
+from cache.store import Cache, LookupResult
 from proxy.coalesce import Coalescer
 from proxy.errors import (
     ManifestTooLarge,
@@ -61,7 +61,7 @@ class Manifest:
     data: bytes
     media_type: str
     digest: Digest
-    result: str = "miss"  # how the cache answered: hit, miss or stale
+    result: LookupResult = "miss"
 
 
 class Accept:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from cache.store import LookupResult
 from proxy.errors import Handler
 from proxy.metrics import Metrics
 
@@ -42,7 +43,7 @@ _ROUTES = (
 class Lookup:
     kind: str  # manifest or blob
     upstream: str
-    result: str  # hit, miss, coalesced or stale
+    result: LookupResult
 
 
 LOOKUP = web.RequestKey("lookup", Lookup)
@@ -51,7 +52,7 @@ BODY_BYTES = web.RequestKey("body_bytes", int)  # set by handlers that stream th
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection first"
 
 
-def note_lookup(request: web.Request, kind: str, upstream: str, result: str) -> None:
+def note_lookup(request: web.Request, kind: str, upstream: str, result: LookupResult) -> None:
     request[LOOKUP] = Lookup(kind, upstream, result)
 
 

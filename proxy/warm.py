@@ -16,6 +16,7 @@ from typing import TextIO
 
 from cache.digests import Digest
 from cache.fill import read_range
+from cache.store import LookupResult
 from proxy.blobs import BlobService
 from proxy.config import Config, WarmEntry
 from proxy.errors import RegistryError
@@ -53,7 +54,7 @@ class Progress:
             self.out.write(f"\r{digest[:19]} [{bar}] {_mb(done)}/{_mb(total)}")
             self.out.flush()
 
-    def finish(self, digest: str, total: int, result: str) -> None:
+    def finish(self, digest: str, total: int, result: LookupResult) -> None:
         if self.tty:
             self.out.write("\r" + " " * 70 + "\r")
         self.out.write(f"{digest}  {_mb(total)}  {result}\n")
