@@ -12,6 +12,7 @@ a file whose bytes don't match its name only if it has no row     re-hashed, rep
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -23,8 +24,6 @@ from cache.errors import InvalidDigest
 from cache.store import Cache
 
 log = logging.getLogger("pullthrough.integrity")
-
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -59,11 +58,8 @@ def stored_files(blobs: Path) -> Iterator[tuple[Digest, Path]]:
 
 
 def hashes_to(path: Path, digest: Digest) -> bool:
-    hasher = digest.hasher()
     with path.open("rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            hasher.update(chunk)
-    return bool(hasher.hexdigest() == digest.hex)
+        return bool(hashlib.file_digest(file, digest.algorithm).hexdigest() == digest.hex)
 
 
 async def reconcile(cache: Cache) -> Report:

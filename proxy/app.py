@@ -82,22 +82,31 @@ def make_app(
 
 
 def _add_routes(app: web.Application) -> None:
-    read = ("GET", "HEAD")
-    app.router.add_route("GET", "/metrics", handlers.metrics)
-    app.router.add_route("GET", "/healthz", handlers.healthz)
-    app.router.add_route("GET", "/readyz", handlers.readyz)
-    app.router.add_route("GET", "/v2/", handlers.ping)
-    app.router.add_route("GET", "/v2/_catalog", handlers.catalog)
-    app.router.add_route("*", f"/v2/{NAME}/blobs/uploads/{{rest:.*}}", handlers.unsupported)
-    for method in read:
-        app.router.add_route(method, f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest)
-        app.router.add_route(method, f"/v2/{NAME}/blobs/{{digest}}", handlers.blob)
-    app.router.add_route("GET", f"/v2/{NAME}/tags/list", handlers.tags)
-    app.router.add_route("GET", f"/v2/{NAME}/referrers/{{digest}}", handlers.referrers)
-    # Writes to manifests and blobs: matched explicitly so they get UNSUPPORTED, not 404.
-    for method in ("PUT", "POST", "PATCH", "DELETE"):
-        app.router.add_route(method, f"/v2/{NAME}/manifests/{{reference}}", handlers.unsupported)
-        app.router.add_route(method, f"/v2/{NAME}/blobs/{{digest}}", handlers.unsupported)
+    """Each path is a resource named by its kind: the `route` label of the request metrics."""
+
+    def resource(path: str, kind: str) -> web.Resource:
+        return app.router.add_resource(path, name=kind)
+
+    resource("/metrics", "metrics").add_route("GET", handlers.metrics)
+    resource("/healthz", "health").add_route("GET", handlers.healthz)
+    resource("/readyz", "ready").add_route("GET", handlers.readyz)
+    resource("/v2/", "ping").add_route("GET", handlers.ping)
+    resource("/v2/_catalog", "catalog").add_route("GET", handlers.catalog)
+    resource(f"/v2/{NAME}/blobs/uploads/{{rest:.*}}", "uploads").add_route(
+        "*", handlers.unsupported
+    )
+    for kind, path, handler in (
+        ("manifest", f"/v2/{NAME}/manifests/{{reference}}", handlers.manifest),
+        ("blob", f"/v2/{NAME}/blobs/{{digest}}", handlers.blob),
+    ):
+        reads_only = resource(path, kind)
+        for method in ("GET", "HEAD"):
+            reads_only.add_route(method, handler)
+        # Writes are matched explicitly so that they get UNSUPPORTED, not 404.
+        for method in ("PUT", "POST", "PATCH", "DELETE"):
+            reads_only.add_route(method, handlers.unsupported)
+    resource(f"/v2/{NAME}/tags/list", "tags").add_route("GET", handlers.tags)
+    resource(f"/v2/{NAME}/referrers/{{digest}}", "referrers").add_route("GET", handlers.referrers)
 
 
 async def _api_version_header(request: web.Request, response: web.StreamResponse) -> None:

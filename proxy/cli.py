@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from cache.eviction import Evictor
 from cache.integrity import Report, fsck, reconcile
@@ -169,11 +170,11 @@ async def _hit_ratio(server: str) -> str:
     except (aiohttp.ClientError, TimeoutError):
         return f"unknown (no mirror answering at {server})"
     requests = hits = 0.0
-    for line in text.splitlines():
-        if line.startswith("pullthrough_cache_requests_total{"):
-            value = float(line.rsplit(" ", 1)[1])
-            requests += value
-            hits += 0 if 'result="miss"' in line else value
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "pullthrough_cache_requests_total":
+                requests += sample.value
+                hits += 0 if sample.labels.get("result") == "miss" else sample.value
     return f"{hits / requests:.1%} of {requests:.0f} lookups" if requests else "no lookups yet"
 
 

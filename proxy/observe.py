@@ -31,12 +31,6 @@ from proxy.metrics import Metrics
 access_log = logging.getLogger("pullthrough.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_ROUTES = (
-    ("/manifests/", "manifest"),
-    ("/blobs/", "blob"),
-    ("/tags/list", "tags"),
-    ("/referrers/", "referrers"),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +50,10 @@ def note_lookup(request: web.Request, kind: str, upstream: str, result: LookupRe
     request[LOOKUP] = Lookup(kind, upstream, result)
 
 
-def route_kind(path: str) -> str:
-    if path.startswith("/v2/"):
-        if path == "/v2/":
-            return "ping"
-        if path.startswith("/v2/_catalog"):
-            return "catalog"
-        for marker, kind in _ROUTES:
-            if marker in path:
-                return kind
-        return "other"
-    if path in ("/healthz", "/readyz"):
-        return "health"
-    return "metrics" if path == "/metrics" else "other"
+def route_kind(request: web.Request) -> str:
+    """The name `proxy.app` gave the matched resource; "other" when nothing matched."""
+    resource = request.match_info.route.resource
+    return resource.name if resource is not None and resource.name else "other"
 
 
 def observe_middleware(metrics: Metrics, json_lines: bool) -> Middleware:
@@ -109,7 +94,7 @@ def _body_bytes(request: web.Request, response: web.StreamResponse) -> int:
 
 
 def _record(metrics: Metrics, request: web.Request, status: int, sent: int, elapsed: float) -> None:
-    route = route_kind(request.path)
+    route = route_kind(request)
     metrics.requests.labels(route, request.method, str(status)).inc()
     metrics.request_seconds.labels(route).observe(elapsed)
     lookup = request.get(LOOKUP)

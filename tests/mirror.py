@@ -11,12 +11,13 @@ from typing import Any
 import aiohttp
 import pytest_asyncio
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import make_app
 from proxy.config import Config, parse_config
 from proxy.tls import server_context
 
-__all__ = ["FakeClock", "MakeMirror", "Mirror", "make_mirror"]
+__all__ = ["FakeClock", "MakeMirror", "Mirror", "make_mirror", "samples"]
 
 
 class FakeClock:
@@ -61,13 +62,18 @@ class Mirror:
                 while await index.get_blob(digest) is None:  # noqa: ASYNC110 - polling SQLite
                     await asyncio.sleep(0.01)
 
+    async def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, keyed as the text format writes them (labels sorted):
+        `pullthrough_evictions_total{reason="size"}`."""
+        async with self.get("/metrics") as response:
+            return samples(await response.text())
+
     async def metric(self, sample: str) -> float:
         """One sample of /metrics, e.g. `pullthrough_evictions_total{reason="size"}`."""
-        async with self.get("/metrics") as response:
-            for line in (await response.text()).splitlines():
-                if line.startswith(sample + " "):
-                    return float(line.split()[1])
-        raise AssertionError(f"{sample} not exported")
+        value = (await self.metrics()).get(sample)
+        if value is None:
+            raise AssertionError(f"{sample} not exported")
+        return value
 
     def temp_files(self) -> list[Path]:
         return list((self.cache_dir / "tmp").iterdir())
@@ -80,6 +86,16 @@ class Mirror:
 
 
 MakeMirror = Callable[..., Awaitable[Mirror]]
+
+
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text, parsed by prometheus_client's own parser."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
 
 
 def upstream_entry(name: str, url: str, **extra: Any) -> dict[str, Any]:

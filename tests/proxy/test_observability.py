@@ -19,13 +19,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 async def scrape(mirror: Mirror) -> dict[str, float]:
-    async with mirror.get("/metrics") as response:
-        text = await response.text()
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("pullthrough_")
-    }
+    return await mirror.metrics()
 
 
 def lookups(metrics: dict[str, float], kind: str, result: str) -> float:
@@ -206,3 +200,31 @@ async def test_no_secret_reaches_any_log_line_even_at_debug(
     assert len(tokens) == 2 and text
     for needle in [secret, basic, *tokens]:
         assert needle not in text
+
+
+async def test_each_kind_of_route_is_a_label_of_its_own(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    asked = {
+        ("GET", "/healthz"): "health",
+        ("GET", "/readyz"): "ready",
+        ("GET", "/v2/"): "ping",
+        ("GET", "/v2/_catalog"): "catalog",
+        ("PUT", "/v2/app/manifests/v1"): "manifest",
+        ("DELETE", "/v2/app/blobs/sha256:" + "0" * 64): "blob",
+        ("POST", "/v2/app/blobs/uploads/"): "uploads",
+        ("GET", "/nothing/here"): "other",
+    }
+    for (method, path), _ in asked.items():
+        async with mirror.session.request(method, mirror.url + path) as response:
+            await response.read()
+    metrics = await scrape(mirror)
+    for (method, _), route in asked.items():
+        counted = sum(
+            value
+            for key, value in metrics.items()
+            if key.startswith("pullthrough_http_requests_total{")
+            and f'method="{method}",route="{route}",' in key
+        )
+        assert counted == 1, (method, route)
