@@ -169,7 +169,7 @@ async def test_rows_another_process_evicted_are_not_subtracted_twice(
 
 async def test_choosing_victims_uses_the_index_with_a_million_blobs(tmp_path: Path) -> None:
     path = tmp_path / "big"
-    store = Cache(path, Budget(1 << 40), FakeClock())
+    store = Cache(path, Budget(1 << 40, 0.9, 0.8), FakeClock())
     await store.open()
     await store.close()
     db = sqlite3.connect(path / "index.db")
@@ -182,7 +182,7 @@ async def test_choosing_victims_uses_the_index_with_a_million_blobs(tmp_path: Pa
         )
     db.close()
 
-    store = Cache(path, Budget(1 << 40), FakeClock())
+    store = Cache(path, Budget(1 << 40, 0.9, 0.8), FakeClock())
     await store.open()
     try:
         # The plan, not a stopwatch, is the check: an index walk costs the same with a

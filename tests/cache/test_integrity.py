@@ -11,7 +11,7 @@ from cache.integrity import fsck, reconcile
 from cache.store import Budget, Cache
 from tests.cache.helpers import random_blob, store_blob
 
-BUDGET = Budget(1 << 30)
+BUDGET = Budget(1 << 30, 0.9, 0.8)
 
 
 async def opened(root: Path) -> Cache:
