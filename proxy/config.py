@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,8 +72,33 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl")
 # An upstream name is the registry host clients ask for: a hostname, optionally with a port.
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
-# The defaults of the per-upstream tunables, read off the dataclass so they live in one place.
-_DEFAULTS = {f.name: f.default for f in fields(UpstreamConfig) if f.name in _TUNABLE}
+
+
+def _names(cls: type[Any]) -> set[str]:
+    """The settings a section of the YAML may hold: its dataclass's field names."""
+    return {f.name for f in fields(cls)}
+
+
+def _default(cls: type[Any], name: str) -> Any:
+    """The default of field `cls.name`, from `proxy.settings`, the one place defaults are
+    written. It is a parsed value (seconds, bytes, a Path, a tuple): the checks below let
+    such values through as they are."""
+    (field,) = (f for f in fields(cls) if f.name == name)
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    if field.default is MISSING:
+        raise TypeError(f"{cls.__name__}.{name} is required; it has no default")
+    return field.default
+
+
+def _get(raw: Mapping[str, Any], cls: type[Any], name: str) -> Any:
+    """The value the YAML gives `name`, or else the field's default."""
+    return raw[name] if name in raw else _default(cls, name)
+
+
+# The YAML spells `listen_host` and `listen_port` as one `listen: HOST:PORT`, and has
+# `upstream_defaults`, which no dataclass keeps: it only fills in each upstream.
+_TOP_LEVEL = (_names(Config) - {"listen_host", "listen_port"}) | {"listen", "upstream_defaults"}
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -111,25 +136,14 @@ def _apply_env_overrides(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
-    known = {
-        "version",
-        "listen",
-        "cache",
-        "upstreams",
-        "upstream_defaults",
-        "log",
-        "shutdown_grace",
-        "warm",
-        "auth",
-        "tls",
-        "client_timeout",
-        "upstream_connections",
-    }
-    _reject_unknown(raw, known, "")
-    version = raw.get("version", 1)
+    _reject_unknown(raw, _TOP_LEVEL, "")
+    version = _get(raw, Config, "version")
     if version != 1:
         raise ConfigError("version", "must be 1")
-    host, port = _parse_listen(raw.get("listen", "0.0.0.0:5000"))
+    if "listen" in raw:
+        host, port = _parse_listen(raw["listen"])
+    else:
+        host, port = _default(Config, "listen_host"), _default(Config, "listen_port")
     upstreams = _parse_upstreams(raw.get("upstreams"), raw.get("upstream_defaults", {}), env)
     return Config(
         version=1,
@@ -138,12 +152,14 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         cache=_parse_cache(raw.get("cache", {})),
         upstreams=upstreams,
         log=_parse_log(raw.get("log", {})),
-        shutdown_grace=parse_duration(raw.get("shutdown_grace", 30), "shutdown_grace"),
-        warm=_parse_warm(raw.get("warm", [])),
+        shutdown_grace=parse_duration(_get(raw, Config, "shutdown_grace"), "shutdown_grace"),
+        warm=_parse_warm(raw["warm"]) if "warm" in raw else _default(Config, "warm"),
         auth=_parse_auth(raw.get("auth", {})),
         tls=_parse_tls(raw.get("tls", {})),
-        client_timeout=parse_duration(raw.get("client_timeout", 60), "client_timeout"),
-        upstream_connections=_count(raw.get("upstream_connections", 32), "upstream_connections"),
+        client_timeout=parse_duration(_get(raw, Config, "client_timeout"), "client_timeout"),
+        upstream_connections=_count(
+            _get(raw, Config, "upstream_connections"), "upstream_connections"
+        ),
     )
 
 
@@ -156,12 +172,12 @@ def _count(value: Any, path: str) -> int:
 def _parse_auth(raw: Any) -> AuthConfig:
     if not isinstance(raw, dict):
         raise ConfigError("auth", "must be a mapping")
-    _reject_unknown(raw, {f.name for f in fields(AuthConfig)}, "auth")
-    htpasswd = _readable_file(raw.get("htpasswd"), "auth.htpasswd")
-    realm = raw.get("realm", "pullthrough")
+    _reject_unknown(raw, _names(AuthConfig), "auth")
+    htpasswd = _readable_file(_get(raw, AuthConfig, "htpasswd"), "auth.htpasswd")
+    realm = _get(raw, AuthConfig, "realm")
     if not isinstance(realm, str) or not realm or '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "must be a plain string")
-    metrics = raw.get("metrics", False)
+    metrics = _get(raw, AuthConfig, "metrics")
     if not isinstance(metrics, bool):
         raise ConfigError("auth.metrics", "must be true or false")
     if metrics and htpasswd is None:
@@ -172,9 +188,9 @@ def _parse_auth(raw: Any) -> AuthConfig:
 def _parse_tls(raw: Any) -> TlsConfig:
     if not isinstance(raw, dict):
         raise ConfigError("tls", "must be a mapping")
-    _reject_unknown(raw, {"cert", "key"}, "tls")
-    cert = _readable_file(raw.get("cert"), "tls.cert")
-    key = _readable_file(raw.get("key"), "tls.key")
+    _reject_unknown(raw, _names(TlsConfig), "tls")
+    cert = _readable_file(_get(raw, TlsConfig, "cert"), "tls.cert")
+    key = _readable_file(_get(raw, TlsConfig, "key"), "tls.key")
     if (cert is None) != (key is None):
         raise ConfigError("tls", "cert and key must be given together")
     return TlsConfig(cert=cert, key=key)
@@ -191,9 +207,10 @@ def _readable_file(value: Any, path: str) -> Path | None:
 
 
 def _patterns(value: Any, path: str) -> tuple[str, ...]:
-    if value is None:
+    if value is None:  # `allow:` with nothing after it
         return ()
-    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+    # A tuple is the dataclass default; YAML gives lists.
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) and p for p in value):
         raise ConfigError(path, "must be a list of patterns such as library/*")
     return tuple(value)
 
@@ -209,7 +226,7 @@ def _parse_warm(raw: Any) -> tuple[WarmEntry, ...]:
             item = {"image": item}
         if not isinstance(item, dict):
             raise ConfigError(path, "must be an image or a mapping with image")
-        _reject_unknown(item, {"image", "platforms", "all_platforms"}, path)
+        _reject_unknown(item, _names(WarmEntry) | {"all_platforms"}, path)
         image = item.get("image")
         if not isinstance(image, str) or not image or any(c.isspace() for c in image):
             raise ConfigError(f"{path}.image", "must be an image reference such as alpine:3")
@@ -224,11 +241,11 @@ def _parse_warm(raw: Any) -> tuple[WarmEntry, ...]:
 def _parse_log(raw: Any) -> LogConfig:
     if not isinstance(raw, dict):
         raise ConfigError("log", "must be a mapping")
-    _reject_unknown(raw, {f.name for f in fields(LogConfig)}, "log")
-    form = raw.get("format", "text")
+    _reject_unknown(raw, _names(LogConfig), "log")
+    form = _get(raw, LogConfig, "format")
     if form not in ("text", "json"):
         raise ConfigError("log.format", "must be text or json")
-    level = str(raw.get("level", "INFO")).upper()
+    level = str(_get(raw, LogConfig, "level")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("log.level", "must be DEBUG, INFO, WARNING or ERROR")
     return LogConfig(format=form, level=level)
@@ -246,24 +263,24 @@ def _parse_listen(value: Any) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError("listen", "must be HOST:PORT, e.g. 0.0.0.0:5000")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return host.strip("[]") or _default(Config, "listen_host"), int(port)
 
 
 def _parse_cache(raw: Any) -> CacheConfig:
     if not isinstance(raw, dict):
         raise ConfigError("cache", "must be a mapping")
-    _reject_unknown(raw, {f.name for f in fields(CacheConfig)}, "cache")
-    path = raw.get("path", "./data")
-    if not isinstance(path, str) or not path:
+    _reject_unknown(raw, _names(CacheConfig), "cache")
+    path = _get(raw, CacheConfig, "path")  # a Path already when defaulted
+    if not isinstance(path, Path) and (not isinstance(path, str) or not path):
         raise ConfigError("cache.path", "must be a directory path")
-    high = _fraction(raw.get("high_watermark", 0.9), "cache.high_watermark")
-    low = _fraction(raw.get("low_watermark", 0.8), "cache.low_watermark")
+    high = _fraction(_get(raw, CacheConfig, "high_watermark"), "cache.high_watermark")
+    low = _fraction(_get(raw, CacheConfig, "low_watermark"), "cache.low_watermark")
     if low >= high:
         raise ConfigError("cache.low_watermark", "must be below cache.high_watermark")
     return CacheConfig(
         path=Path(path),
-        max_size=parse_size(raw.get("max_size", "50GiB"), "cache.max_size"),
-        blob_ttl=parse_duration(raw.get("blob_ttl", "30d"), "cache.blob_ttl"),
+        max_size=parse_size(_get(raw, CacheConfig, "max_size"), "cache.max_size"),
+        blob_ttl=parse_duration(_get(raw, CacheConfig, "blob_ttl"), "cache.blob_ttl"),
         high_watermark=high,
         low_watermark=low,
     )
@@ -313,7 +330,7 @@ def _parse_upstream(
 ) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise ConfigError(path, "must be a mapping with name and url")
-    _reject_unknown(raw, {f.name for f in fields(UpstreamConfig)}, path)
+    _reject_unknown(raw, _names(UpstreamConfig), path)
     name = raw.get("name")
     if not isinstance(name, str) or not _UPSTREAM_NAME.fullmatch(name):
         raise ConfigError(f"{path}.name", "must be a registry host such as docker.io")
@@ -321,14 +338,14 @@ def _parse_upstream(
     parts = urlsplit(url or "")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise ConfigError(f"{path}.url", "must be an http(s) URL")
-    default = raw.get("default", False)
+    default = _get(raw, UpstreamConfig, "default")
     if not isinstance(default, bool):
         raise ConfigError(f"{path}.default", "must be true or false")
-    insecure = raw.get("insecure", False)
+    insecure = _get(raw, UpstreamConfig, "insecure")
     if not isinstance(insecure, bool):
         raise ConfigError(f"{path}.insecure", "must be true or false")
-    username = _expand(raw.get("username"), f"{path}.username", env)
-    password = _expand(raw.get("password"), f"{path}.password", env)
+    username = _expand(_get(raw, UpstreamConfig, "username"), f"{path}.username", env)
+    password = _expand(_get(raw, UpstreamConfig, "password"), f"{path}.password", env)
     if (username is None) != (password is None):
         raise ConfigError(path, "username and password must be given together")
     return UpstreamConfig(
@@ -337,16 +354,16 @@ def _parse_upstream(
         default=default,
         username=username,
         password=Secret(password) if password is not None else None,
-        allow=_patterns(raw.get("allow"), f"{path}.allow"),
-        deny=_patterns(raw.get("deny"), f"{path}.deny"),
-        ca_bundle=_readable_file(raw.get("ca_bundle"), f"{path}.ca_bundle"),
+        allow=_patterns(_get(raw, UpstreamConfig, "allow"), f"{path}.allow"),
+        deny=_patterns(_get(raw, UpstreamConfig, "deny"), f"{path}.deny"),
+        ca_bundle=_readable_file(_get(raw, UpstreamConfig, "ca_bundle"), f"{path}.ca_bundle"),
         insecure=insecure,
         **_tunables(raw, path, defaults),
     )
 
 
 def _tunables(raw: dict[str, Any], path: str, defaults: dict[str, Any]) -> dict[str, float]:
-    values = {key: raw.get(key, defaults.get(key, _DEFAULTS[key])) for key in _TUNABLE}
+    values = {key: raw.get(key, _get(defaults, UpstreamConfig, key)) for key in _TUNABLE}
     return {
         key: parse_duration(value, f"{path}.{key}", allow_zero=key == "manifest_ttl")
         for key, value in values.items()

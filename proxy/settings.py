@@ -1,7 +1,9 @@
 """The settings a config file can hold: frozen dataclasses, parsed by `proxy.config`.
 
 Every setting's default and help text sit together in `field(metadata=...)`, so the
-README's reference can be checked against this module.
+README's reference can be checked against this module. These are the only defaults:
+`proxy.config` reads them from the fields, and tests/proxy/test_config.py checks the
+README's settings table against them.
 """
 
 from __future__ import annotations

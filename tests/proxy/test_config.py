@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from proxy.config import ConfigError, Secret, load_config
+from proxy.config import ConfigError, Secret, load_config, parse_config
+from proxy.settings import (
+    AuthConfig,
+    CacheConfig,
+    Config,
+    LogConfig,
+    TlsConfig,
+    UpstreamConfig,
+)
 from tests.secrets import SECRET
 
 MINIMAL = """
@@ -33,6 +46,14 @@ def test_defaults(tmp_path: Path) -> None:
     upstream = config.upstreams[0]
     assert upstream.default and upstream.is_docker_hub
     assert (upstream.connect_timeout, upstream.read_timeout, upstream.manifest_ttl) == (3, 30, 300)
+
+
+def test_a_minimal_config_is_the_dataclass_defaults(tmp_path: Path) -> None:
+    # The parser writes no default of its own: what a config leaves out is what
+    # `proxy.settings` says, so a default changed in one place only fails here.
+    text = "upstreams: [{name: a.io, url: https://a.io}]"
+    upstream = UpstreamConfig(name="a.io", url="https://a.io")
+    assert load_config(write(tmp_path, text), env={}) == Config(upstreams=(upstream,))
 
 
 def test_the_shipped_mirror_yaml_parses() -> None:
@@ -146,29 +167,93 @@ async def test_console_script_reports_a_missing_config(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_every_setting_is_in_the_readme_reference() -> None:
-    from dataclasses import fields
+README = Path(__file__).parents[2] / "README.md"
+# Each section of the settings: the README's prefix, its dataclass, and where a parsed
+# Config keeps it.
+SECTIONS: dict[str, tuple[type[Any], Callable[[Config], Any]]] = {
+    "": (Config, lambda config: config),
+    "cache.": (CacheConfig, lambda config: config.cache),
+    "upstreams[].": (UpstreamConfig, lambda config: config.upstreams[0]),
+    "auth.": (AuthConfig, lambda config: config.auth),
+    "tls.": (TlsConfig, lambda config: config.tls),
+    "log.": (LogConfig, lambda config: config.log),
+}
+NESTED = {"upstreams", "cache", "auth", "tls", "log"}  # sections, not settings
+RENAMED = {"listen_host": "listen", "listen_port": "listen"}  # YAML's `listen: HOST:PORT`
 
-    from proxy import settings
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    sections = {
-        "": settings.Config,
-        "cache.": settings.CacheConfig,
-        "upstreams[].": settings.UpstreamConfig,
-        "auth.": settings.AuthConfig,
-        "tls.": settings.TlsConfig,
-        "log.": settings.LogConfig,
-    }
-    renamed = {"listen_host": "listen", "listen_port": "listen"}
-    missing = []
-    for prefix, cls in sections.items():
+def setting_fields() -> dict[str, list[tuple[str, Field[Any]]]]:
+    """Each setting's YAML path, e.g. `cache.max_size`, → its section and field(s)."""
+    found: dict[str, list[tuple[str, Field[Any]]]] = {}
+    for prefix, (cls, _) in SECTIONS.items():
         for f in fields(cls):
-            if f.name in ("upstreams", "cache", "auth", "tls", "log"):
-                continue
-            name = prefix + renamed.get(f.name, f.name)
-            # Rows may pair settings ("`username` / `password`") under one prefix.
-            if f"`{name}`" not in readme and f"`{f.name}`" not in readme:
-                missing.append(name)
+            if f.name not in NESTED:
+                found.setdefault(prefix + RENAMED.get(f.name, f.name), []).append((prefix, f))
+    return found
+
+
+def readme_table() -> dict[str, str]:
+    """The README's settings table: each setting's YAML path → the default it states. A
+    row may pair settings (`upstreams[].allow` / `deny`); each gets its own entry."""
+    section = README.read_text().split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            setting, default, _meaning = line.strip("| ").split(" | ", 2)
+            first, *others = re.findall(r"`([^`]+)`", setting)
+            prefix = first[: first.rfind(".") + 1]
+            for name in [first, *others]:
+                rows[name if "." in name else prefix + name] = default.strip("`")
+    return rows
+
+
+def test_every_setting_is_in_the_readme_reference() -> None:
+    for name, pairs in setting_fields().items():
+        for _, f in pairs:
             assert f.metadata.get("help"), f"{name} has no help text"
-    assert missing == []
+    table = readme_table()
+    # `upstream_defaults.*` ("as above") is the one row that is no field of its own.
+    assert table.pop("upstream_defaults.*") == "as above"
+    assert set(table) == set(setting_fields())
+
+
+def with_readme_default(name: str, text: str) -> Config:
+    """A config setting `name` to the README's default `text`, parsed as a config is, so
+    that `5m` reads as 300.0 and `50GiB` as bytes; `none` leaves it unset."""
+    upstream: dict[str, Any] = {"name": "a.io", "url": "https://a.io"}
+    raw: dict[str, Any] = {"upstreams": [upstream]}
+    prefix, _, key = name.rpartition(".")
+    if prefix == "upstreams[]":
+        target = upstream
+    elif prefix:
+        target = raw.setdefault(prefix, {})
+    else:
+        target = raw
+    target[key] = None if text == "none" else yaml.safe_load(text)
+    return parse_config(raw, env={})
+
+
+def default_of(f: Field[Any]) -> Any:
+    """A dataclass field's default, or MISSING for a required one."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def test_the_readme_defaults_are_the_dataclass_defaults() -> None:
+    table = readme_table()
+    wrong = []
+    for name, pairs in setting_fields().items():
+        text = table.get(name, "(no row)")
+        for prefix, f in pairs:
+            expected = default_of(f)
+            if expected is MISSING:
+                if text != "required":
+                    wrong.append(f"{name}: README says {text}, but it is required")
+                continue
+            try:
+                parsed = getattr(SECTIONS[prefix][1](with_readme_default(name, text)), f.name)
+            except ConfigError as exc:
+                wrong.append(f"{name}: README's {text} does not parse ({exc})")
+                continue
+            if parsed != expected:
+                wrong.append(f"{name}: README says {text}, the default is {expected!r}")
+    assert wrong == []
