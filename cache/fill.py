@@ -186,7 +186,6 @@ class Fill:
     def detach(self, reader: int) -> None:
         self._cursors.pop(reader, None)
         self._dropped.discard(reader)
-        self._trim()
         self._notify()
 
     def _trim(self) -> None:
@@ -207,15 +206,25 @@ class Fill:
 Span = tuple[int, int] | bytes  # (offset, length) in the blob file, or bytes held in memory
 
 
-async def spans(start: int, stop: int, fill: Fill | None = None) -> AsyncIterator[Span]:
+async def spans(
+    start: int, stop: int, fill: Fill | None = None, reader: int | None = None
+) -> AsyncIterator[Span]:
     """What to send of bytes [start, stop), in order, as soon as it may be sent: ranges of
     the file (which a caller can hand to sendfile) or, for a pass-through fill, bytes in
-    memory. While the fill is unverified, the last byte is held back (see module doc)."""
+    memory. While the fill is unverified, the last byte is held back (see module doc).
+
+    `reader` is the caller's place in the fill, taken when it joined (`Fill.attach`), so
+    that a pass-through download keeps its bytes until the caller gets here; without one,
+    a place is taken now and given up at the end."""
     if fill is None:
         if start < stop:
             yield (start, stop - start)
         return
-    reader = fill.attach(start)
+    own = reader is None
+    if reader is None:
+        reader = fill.attach(start)
+    else:
+        fill.advance(reader, start)
     try:
         pos = start
         while pos < stop:
@@ -239,14 +248,15 @@ async def spans(start: int, stop: int, fill: Fill | None = None) -> AsyncIterato
             yield span
             fill.advance(reader, pos)
     finally:
-        fill.detach(reader)
+        if own:
+            fill.detach(reader)
 
 
 async def read_range(
-    fd: int, start: int, stop: int, fill: Fill | None = None
+    fd: int, start: int, stop: int, fill: Fill | None = None, reader: int | None = None
 ) -> AsyncIterator[bytes]:
     """Bytes [start, stop) of an open blob file, following `fill` while it grows."""
-    async for span in spans(start, stop, fill):
+    async for span in spans(start, stop, fill, reader):
         if isinstance(span, bytes):
             yield span
         else:

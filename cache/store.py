@@ -35,20 +35,25 @@ CacheState = Literal["new", "open", "closed"]
 
 @dataclass(slots=True)
 class OpenBlob:
-    """A readable blob: a committed file, or a fill still growing (`fill` is set).
+    """A readable blob: a committed file, or a fill still growing (`fill` is set, and
+    `reader` is this blob's place in it).
 
-    The caller owns `fd` and must `close()` it.
+    The caller owns `fd` and its place in the fill, and must `close()` it.
     """
 
     fd: int
     size: int | None
     fill: Fill | None = None
     result: LookupResult = "hit"
+    reader: int | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.fill is not None and self.reader is not None:
+            self.fill.detach(self.reader)
+            self.reader = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,9 @@ class Cache:
         if fill is not None and fill.error is None:
             # The fill's own fd is open until it is forgotten, so dup can't race a close.
             fd = os.dup(fill.fd) if fill.fd >= 0 else -1
-            return OpenBlob(fd, fill.size, fill=fill, result="coalesced")
+            # Joined from byte 0 at once: a pass-through download must keep its bytes
+            # until this reader starts, however soon the first chunk arrives.
+            return OpenBlob(fd, fill.size, fill, "coalesced", reader=fill.attach(0))
         opened = self.files.open(digest)
         if opened is None:
             return None

@@ -79,7 +79,7 @@ async def _send(
         await while_taking(response.write(data), lambda: unsent(transport), stall)
         request[BODY_BYTES] += len(data)
 
-    async for part in spans(start, stop, blob.fill):
+    async for part in spans(start, stop, blob.fill, blob.reader):
         if isinstance(part, bytes):
             await write(part)
         elif socket is not None:

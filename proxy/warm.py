@@ -98,7 +98,7 @@ class Warmer:
         blob = await self.blobs.open(target, digest)
         try:
             size, done = blob.size or 0, 0
-            async for chunk in read_range(blob.fd, 0, size, blob.fill):
+            async for chunk in read_range(blob.fd, 0, size, blob.fill, blob.reader):
                 done += len(chunk)
                 if self.progress is not None:
                     self.progress.update(str(digest), done, size)
