@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +79,10 @@ class Mirror:
     def temp_files(self) -> list[Path]:
         return list((self.cache_dir / "tmp").iterdir())
 
-    def get(self, path: str, **kwargs: Any) -> Any:
+    def get(self, path: str, **kwargs: Any) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         return self.session.get(self.url + path, **kwargs)
 
-    def head(self, path: str, **kwargs: Any) -> Any:
+    def head(self, path: str, **kwargs: Any) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
         return self.session.head(self.url + path, **kwargs)
 
 

@@ -78,7 +78,7 @@ async def test_a_follower_counts_as_coalesced(
     await asyncio.sleep(0.1)
     assert (await scrape(mirror))["pullthrough_fills_in_progress"] == 1
     gate.gate.set()
-    assert await asyncio.gather(leader, follower) == [data, data]
+    assert list(await asyncio.gather(leader, follower)) == [data, data]
     m = await scrape(mirror)
     assert (lookups(m, "blob", "miss"), lookups(m, "blob", "coalesced")) == (1, 1)
     assert m['pullthrough_served_bytes_total{source="upstream"}'] == 2 * len(data)
