@@ -98,8 +98,14 @@ async def test_a_reader_that_joined_keeps_its_bytes_until_it_starts_reading(
             return await cache.commit_fill(fill, "docker.io", "library/app")
 
         downloading = asyncio.create_task(download())
-        await asyncio.sleep(0.1)  # the reader has not started: the download must wait
+        # The reader has not started: at the buffer's end the download must wait for it,
+        # not fail. It decides in the step that appends the chunk that fills the buffer,
+        # so once that chunk is in, the decision is made and `done()` shows it.
+        async with asyncio.timeout(5):
+            while fill.written < PASSTHROUGH_BUFFER + CHUNK and not downloading.done():
+                await fill.wait_change()
         assert not downloading.done()
+        assert fill.written == PASSTHROUGH_BUFFER + CHUNK
         got = bytearray()
         async with asyncio.timeout(5):
             async for span in spans(0, len(data), joined.fill, joined.reader):

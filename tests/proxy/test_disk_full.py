@@ -13,6 +13,7 @@ import pytest
 
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
+from tests.proxy.test_blobs import wait_no_fills
 
 REPO = "library/app"
 
@@ -45,7 +46,7 @@ async def test_blob_larger_than_the_budget_is_passed_through(
         cache={"max_size": "1MiB"},
     )
     assert await fetch(mirror, f"/v2/app/blobs/{digest}") == data
-    await asyncio.sleep(0.05)
+    await wait_no_fills(mirror)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
     assert await mirror.metric("pullthrough_disk_full_total") == 1
@@ -69,7 +70,7 @@ async def test_enospc_mid_download_still_serves_every_client_in_full(
 
     assert await asyncio.gather(*clients) == [data] * 3
     assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{digest}") == 1
-    await asyncio.sleep(0.05)
+    await wait_no_fills(mirror)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
     assert await mirror.metric("pullthrough_disk_full_total") == 1

@@ -22,6 +22,7 @@ from tests.e2e.skopeo import skopeo
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
+from tests.proxy.test_blobs import wait_no_fills
 from tests.secrets import SECRET
 
 REPO = "library/app"
@@ -213,7 +214,7 @@ async def test_hostile_upstream_blobs_are_refused_and_never_cached(
         status = None  # cut off mid-body: also a failure the client can see
     # Any clean failure will do: a cut-off body, a 502, or a 503 when the connection broke.
     assert status in ((expected,) if expected is not None else (None, 502, 503)), status
-    await asyncio.sleep(0.05)
+    await wait_no_fills(mirror)
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
 
