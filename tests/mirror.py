@@ -14,11 +14,13 @@ import pytest_asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache.store import Cache
 from proxy.app import make_app
 from proxy.config import Config, parse_config
+from proxy.keys import CACHE
 from proxy.tls import server_context
 
-__all__ = ["FakeClock", "MakeMirror", "Mirror", "make_mirror", "samples"]
+__all__ = ["FakeClock", "MakeMirror", "Mirror", "fills_ended", "make_mirror", "samples"]
 
 
 class FakeClock:
@@ -55,13 +57,20 @@ class Mirror:
     async def wait_committed(self, *digests: str) -> None:
         """Blobs are committed just after their last byte is sent: wait until they are
         renamed into the store and indexed."""
-        from proxy.keys import CACHE
-
         index = self.app[CACHE].index
         async with asyncio.timeout(5):
             for digest in digests:
                 while await index.get_blob(digest) is None:  # noqa: ASYNC110 - polling SQLite
                     await asyncio.sleep(0.01)
+
+    async def fetch(self, path: str) -> bytes:
+        """GET a body that must be there (200)."""
+        async with self.get(path) as response:
+            assert response.status == 200, (path, response.status)
+            return await response.read()
+
+    async def fills_ended(self) -> None:
+        await fills_ended(self.app[CACHE])
 
     async def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed as the text format writes them (labels sorted):
@@ -87,6 +96,20 @@ class Mirror:
 
 
 MakeMirror = Callable[..., Awaitable[Mirror]]
+
+
+async def fills_ended(cache: Cache) -> None:
+    """Wait until no download is in flight, so that an absence checked next is final.
+
+    Bytes reach blobs/ only through a fill, and a fill counts in `fills_in_progress` until
+    it has committed, turned pass-through (its temp file unlinked, never to be committed)
+    or been abandoned (its temp file unlinked). Once the count is 0, a blob that is not
+    stored never will be, and tmp/ holds nothing of the fills that ended; a sleep instead
+    would let a commit that is merely slow pass as one that never happens.
+    """
+    async with asyncio.timeout(5):
+        while cache.fills_in_progress:  # noqa: ASYNC110 - fills end in background tasks
+            await asyncio.sleep(0.01)
 
 
 def samples(text: str) -> dict[str, float]:

@@ -14,7 +14,6 @@ import pytest
 from tests.e2e.skopeo import copy_to_dir, manifest_digest, raw_manifest, verify_dir
 from tests.e2e.support import start_mirror
 from tests.mirror import MakeMirror, Mirror
-from tests.proxy.test_blobs import wait_no_fills
 from tests.secrets import SECRET
 from tests.upstream.fixtures import UpstreamImages
 from tests.upstream.images import PushedImage, multi_layer_image, push_blob
@@ -135,7 +134,7 @@ async def test_corrupt_blob_upstream_leaves_nothing_cached(
     with pytest.raises(aiohttp.ClientPayloadError):
         async with mirror.get(f"/v2/victim/blobs/{blob.digest}") as response:
             await response.read()
-    await wait_no_fills(mirror)
+    await mirror.fills_ended()
     assert blob.digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
 

@@ -9,7 +9,6 @@ import os
 import aiohttp
 import pytest
 
-from proxy.keys import CACHE
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
 
@@ -174,7 +173,7 @@ async def test_bad_upstream_bytes_are_never_cached_or_served_whole(
     with pytest.raises(aiohttp.ClientPayloadError):
         async with mirror.get(f"/v2/app/blobs/{digest}") as response:
             await response.read()
-    await wait_no_fills(mirror)
+    await mirror.fills_ended()
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
     assert await digest_mismatches(mirror) == mismatches
@@ -223,18 +222,3 @@ async def test_client_disconnect_does_not_cancel_the_fill(
 
 async def wait_stored(mirror: Mirror, digest: str) -> None:
     await mirror.wait_committed(digest)
-
-
-async def wait_no_fills(mirror: Mirror) -> None:
-    """Wait until no download is in flight, so that an absence checked next is final.
-
-    Bytes reach blobs/ only through a fill, and a fill counts in `fills_in_progress` until
-    it has committed, turned pass-through (its temp file unlinked, never to be committed)
-    or been abandoned (its temp file unlinked). Once the count is 0, a blob that is not
-    stored never will be, and tmp/ holds nothing of the fills that ended; a sleep instead
-    would let a commit that is merely slow pass as one that never happens.
-    """
-    cache = mirror.app[CACHE]
-    async with asyncio.timeout(5):
-        while cache.fills_in_progress:  # noqa: ASYNC110 - fills end in background tasks
-            await asyncio.sleep(0.01)

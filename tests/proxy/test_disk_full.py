@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.fake_upstream.server import FakeUpstream, Fault
-from tests.mirror import MakeMirror, Mirror
-from tests.proxy.test_blobs import wait_no_fills
+from tests.mirror import MakeMirror
 
 REPO = "library/app"
-
-
-async def fetch(mirror: Mirror, path: str) -> bytes:
-    async with mirror.get(path) as response:
-        assert response.status == 200
-        return await response.read()
 
 
 @pytest.fixture
@@ -45,8 +38,8 @@ async def test_blob_larger_than_the_budget_is_passed_through(
         [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
         cache={"max_size": "1MiB"},
     )
-    assert await fetch(mirror, f"/v2/app/blobs/{digest}") == data
-    await wait_no_fills(mirror)
+    assert await mirror.fetch(f"/v2/app/blobs/{digest}") == data
+    await mirror.fills_ended()
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
     assert await mirror.metric("pullthrough_disk_full_total") == 1
@@ -63,14 +56,14 @@ async def test_enospc_mid_download_still_serves_every_client_in_full(
         cache={"path": str(small_disk / "cache")},
     )
     path = f"/v2/app/blobs/{digest}"
-    clients = [asyncio.create_task(fetch(mirror, path)) for _ in range(3)]
+    clients = [asyncio.create_task(mirror.fetch(path)) for _ in range(3)]
     await asyncio.wait_for(gate.gate_reached.wait(), 5)
     await asyncio.sleep(0.1)  # let all three join the one download
     gate.gate.set()
 
     assert await asyncio.gather(*clients) == [data] * 3
     assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{digest}") == 1
-    await wait_no_fills(mirror)
+    await mirror.fills_ended()
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
     assert await mirror.metric("pullthrough_disk_full_total") == 1
@@ -78,7 +71,7 @@ async def test_enospc_mid_download_still_serves_every_client_in_full(
     # The space came back: a small blob is cached as usual afterwards.
     small = os.urandom(100_000)
     small_digest = fake_upstream.add_blob(REPO, small)
-    assert await fetch(mirror, f"/v2/app/blobs/{small_digest}") == small
+    assert await mirror.fetch(f"/v2/app/blobs/{small_digest}") == small
     async with asyncio.timeout(5):
         while small_digest not in mirror.stored_blobs():  # noqa: ASYNC110 - disk poll
             await asyncio.sleep(0.01)
@@ -113,7 +106,7 @@ async def test_manifests_are_served_but_not_remembered_when_the_disk_is_full(
             assert await response.read() == image.manifest
         async with mirror.head(path, headers=accept) as response:
             assert response.status == 200
-    assert await fetch(mirror, f"/v2/app/blobs/{image.layer_digests[0]}")
+    assert await mirror.fetch(f"/v2/app/blobs/{image.layer_digests[0]}")
     assert await mirror.metric("pullthrough_disk_full_total") >= 3  # manifest, tag, blob
 
     # Room again: the tag's answer is remembered, and served without asking upstream.

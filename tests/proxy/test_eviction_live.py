@@ -16,12 +16,6 @@ KiB = 1024
 EVICTED = 'pullthrough_evictions_total{reason="size"}'
 
 
-async def fetch(mirror: Mirror, path: str) -> bytes:
-    async with mirror.get(path) as response:
-        assert response.status == 200
-        return await response.read()
-
-
 async def test_background_eviction_keeps_the_budget(
     fake_upstream: FakeUpstream, make_mirror: MakeMirror
 ) -> None:
@@ -34,7 +28,7 @@ async def test_background_eviction_keeps_the_budget(
     blobs = [os.urandom(250 * KiB) for _ in range(4)]
     digests = [fake_upstream.add_blob(REPO, b) for b in blobs]
     for n, (digest, data) in enumerate(zip(digests, blobs, strict=True)):
-        assert await fetch(mirror, f"/v2/app/blobs/{digest}") == data
+        assert await mirror.fetch(f"/v2/app/blobs/{digest}") == data
         if n < 3:
             await mirror.wait_committed(digest)
         mirror.clock.advance(1)
@@ -58,7 +52,7 @@ async def test_a_cached_manifest_whose_blobs_were_evicted_still_pulls(
     async with mirror.get("/v2/app/manifests/v1", headers=accept) as response:
         assert response.status == 200
     for digest in image.layer_digests:
-        await fetch(mirror, f"/v2/app/blobs/{digest}")
+        await mirror.fetch(f"/v2/app/blobs/{digest}")
     await mirror.wait_committed(*image.layer_digests)
 
     # Evict the layers the way the evictor does; the manifest stays.
@@ -73,20 +67,12 @@ async def test_a_cached_manifest_whose_blobs_were_evicted_still_pulls(
 
     fake_upstream.clear()
     for digest in image.layer_digests:
-        await fetch(mirror, f"/v2/app/blobs/{digest}")
+        await mirror.fetch(f"/v2/app/blobs/{digest}")
     assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{image.layer_digests[0]}") == 1
 
 
 def bytes_on_disk(mirror: Mirror) -> int:
     return sum(p.stat().st_size for p in (mirror.cache_dir / "blobs").glob("*/*/*"))
-
-
-async def settled(mirror: Mirror) -> None:
-    """No download in progress: every fill has committed, passed through or failed."""
-    cache = mirror.app[CACHE]
-    async with asyncio.timeout(5):
-        while cache.fills_in_progress:  # noqa: ASYNC110 - fills end in background tasks
-            await asyncio.sleep(0.01)
 
 
 async def test_layers_pulled_together_stay_within_max_size_and_are_counted_once(
@@ -102,9 +88,9 @@ async def test_layers_pulled_together_stay_within_max_size_and_are_counted_once(
         layers = [os.urandom(200 * KiB) for _ in range(4)]
         digests = [fake_upstream.add_blob(REPO, layer) for layer in layers]
         paths = [f"/v2/app/blobs/{digest}" for digest in digests]
-        assert await asyncio.gather(*(fetch(mirror, path) for path in paths)) == layers
+        assert await asyncio.gather(*(mirror.fetch(path) for path in paths)) == layers
         fetched += sum(map(len, layers))
-        await settled(mirror)
+        await mirror.fills_ended()
         indexed, _ = await cache.index.usage()
         assert indexed <= 1000 * KiB
         assert bytes_on_disk(mirror) <= 1000 * KiB
@@ -129,7 +115,7 @@ async def test_an_eviction_by_the_cli_is_seen_by_the_running_server(
     blobs = [os.urandom(300 * KiB) for _ in range(3)]
     for blob in blobs:
         digest = fake_upstream.add_blob(REPO, blob)
-        assert await fetch(mirror, f"/v2/app/blobs/{digest}") == blob
+        assert await mirror.fetch(f"/v2/app/blobs/{digest}") == blob
         await mirror.wait_committed(digest)
 
     (tmp_path / "cli.yaml").write_text(
@@ -142,7 +128,7 @@ async def test_an_eviction_by_the_cli_is_seen_by_the_running_server(
     # 500 KiB fits only if the server sees the room the CLI made.
     big = os.urandom(500 * KiB)
     digest = fake_upstream.add_blob(REPO, big)
-    assert await fetch(mirror, f"/v2/app/blobs/{digest}") == big
+    assert await mirror.fetch(f"/v2/app/blobs/{digest}") == big
     await mirror.wait_committed(digest)
     assert await mirror.metric("pullthrough_disk_full_total") == 0
     assert await mirror.metric("pullthrough_cache_size_bytes") == 500 * KiB

@@ -22,6 +22,7 @@ from proxy.app import make_app
 from proxy.config import Config, parse_config
 from proxy.keys import CACHE
 from tests.fake_upstream.server import FakeUpstream
+from tests.mirror import fills_ended
 
 REPO = "library/app"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -96,19 +97,11 @@ async def cycle(config: Config, upstream: FakeUpstream, n: int) -> None:
             blob = f"{url}/blobs/{image.layer_digests[0]}"
             async with session.get(blob) as response:  # filled from upstream
                 assert (response.status, await response.read()) == (200, layer)
-            await committed(app)
+            await fills_ended(app[CACHE])
             async with session.get(blob) as response:  # sent from the file
                 assert (response.status, await response.read()) == (200, layer)
     finally:
         await runner.cleanup()
-
-
-async def committed(app: web.Application) -> None:
-    """The fill ends (is committed) just after its last byte is sent."""
-    cache = app[CACHE]
-    async with asyncio.timeout(5):
-        while cache.fills_in_progress:  # noqa: ASYNC110 - fills end in background tasks
-            await asyncio.sleep(0.01)
 
 
 async def test_fifty_restarts_leak_no_fds_threads_or_tasks(

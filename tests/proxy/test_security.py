@@ -22,7 +22,6 @@ from tests.e2e.skopeo import skopeo
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
-from tests.proxy.test_blobs import wait_no_fills
 from tests.secrets import SECRET
 
 REPO = "library/app"
@@ -214,7 +213,7 @@ async def test_hostile_upstream_blobs_are_refused_and_never_cached(
         status = None  # cut off mid-body: also a failure the client can see
     # Any clean failure will do: a cut-off body, a 502, or a 503 when the connection broke.
     assert status in ((expected,) if expected is not None else (None, 502, 503)), status
-    await wait_no_fills(mirror)
+    await mirror.fills_ended()
     assert digest not in mirror.stored_blobs()
     assert mirror.temp_files() == []
 

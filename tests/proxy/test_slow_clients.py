@@ -21,12 +21,6 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def fetch(mirror: Mirror, path: str) -> bytes:
-    async with mirror.get(path) as response:
-        assert response.status == 200
-        return await response.read()
-
-
 @contextlib.asynccontextmanager
 async def stalled_clients(
     mirror: Mirror, paths: list[str], rcvbuf: int = 4096
@@ -69,7 +63,7 @@ async def test_a_client_that_takes_nothing_is_cut_off_after_client_timeout(
         [{"name": "docker.io", "url": fake_upstream.url, "default": True}], client_timeout="1s"
     )
     path = f"/v2/app/blobs/{digest}"
-    assert await fetch(mirror, path) == data
+    assert await mirror.fetch(path) == data
     await mirror.wait_committed(digest)
 
     before = open_fds()
@@ -88,7 +82,7 @@ async def test_a_client_that_takes_nothing_is_cut_off_after_client_timeout(
     assert open_fds() <= before  # (the keep-alive connection of the first fetch may be gone)
 
     # A client that reads, however slowly, is never cut off.
-    assert await fetch(mirror, path) == data
+    assert await mirror.fetch(path) == data
 
 
 async def test_a_slow_client_that_keeps_reading_gets_the_whole_passthrough_blob(
@@ -150,4 +144,4 @@ async def test_clients_that_stop_reading_passthrough_downloads_starve_nobody(
         fresh = os.urandom(2 * MiB)
         digest = fake_upstream.add_blob(REPO, fresh)
         async with asyncio.timeout(6):
-            assert await fetch(mirror, f"/v2/app/blobs/{digest}") == fresh
+            assert await mirror.fetch(f"/v2/app/blobs/{digest}") == fresh
