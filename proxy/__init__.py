@@ -14,8 +14,10 @@ and `cache` (storage) never imports from `proxy`.
                      passthrough.py  tag lists and referrers, asked upstream every time
                      routing.py      which upstream and repository a name means
                      references.py   strict parsing of names, tags and digests (ranges.py)
-    upstream         upstream.py     requests, redirects, timeouts, error mapping
-                     upstream_auth.py  challenges and bearer tokens
+    upstream         upstream.py     requests, redirects, and their bookkeeping (metrics, breaker)
+                     upstream_status.py       what an answer means: error, class, outcome
+                     upstream_auth.py         challenges, Basic credentials, bearer tokens
+                     upstream_connections.py  TLS, timeouts, the downloads' share of the pool
                      breaker.py      a circuit breaker per upstream; coalesce.py
     storage          cache/          files, fills in progress, the SQLite index, eviction
     operations       cli.py          serve, warm, stats, gc, evict, fsck (warm.py)

@@ -109,10 +109,7 @@ class BlobService:
             self.cache.abandon_fill(fill, exc)
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.warning("download of %s from %s failed: %r", digest, upstream.name, exc)
-            self.client.breaker(upstream).failure(unreachable=isinstance(exc, TimeoutError))
-            self.cache.abandon_fill(
-                fill, UpstreamUnavailable(f"download from {upstream.name} failed")
-            )
+            self.cache.abandon_fill(fill, self.client.stream_failed(upstream, exc))
         except Exception:
             # Whatever went wrong, the readers must be released, not left waiting.
             log.exception("storing %s failed", digest)

@@ -1,4 +1,5 @@
-"""HTTP to the upstream registries: auth, redirects, timeouts, and error mapping.
+"""HTTP to the upstream registries: auth handshakes, redirects, and the bookkeeping of
+every exchange.
 
 One `UpstreamClient` per process, around the one `aiohttp.ClientSession`. It answers
 challenges itself, so callers just ask for a path in a repository. Three rules keep
@@ -7,44 +8,44 @@ credentials where they belong:
 - upstream credentials and tokens never appear in errors or logs;
 - `Authorization` is never sent on a redirect to another origin (Docker Hub and Quay
   redirect blob downloads to CDNs with signed URLs).
+
+The bookkeeping has one owner, so nothing is counted twice: `_record` books each exchange
+(latency, breaker, the errors counted on arrival, rate limit), `count_error` is the only
+counter of `upstream_errors`, and `stream_failed` books a body cut off mid-stream. What an
+answer means is in `upstream_status`; tokens and Basic credentials in `upstream_auth`;
+TLS, timeouts and the downloads' share of the pool in `upstream_connections`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import logging
-import ssl
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from proxy.breaker import CircuitBreaker
 from proxy.config import UpstreamConfig
-from proxy.errors import (
-    Denied,
-    RegistryError,
-    Unauthorized,
-    UpstreamBadResponse,
-    UpstreamRateLimited,
-    UpstreamServerError,
-    UpstreamUnavailable,
-)
+from proxy.errors import RegistryError, Unauthorized, UpstreamBadResponse, UpstreamUnavailable
 from proxy.metrics import Metrics
-from proxy.tls import upstream_ssl
-from proxy.upstream_auth import Challenge, TokenCache, pick_challenge
-
-log = logging.getLogger("pullthrough.upstream")
+from proxy.upstream_auth import (
+    Challenge,
+    TokenCache,
+    TokenFetcher,
+    basic_authorization,
+    pick_challenge,
+)
+from proxy.upstream_connections import UpstreamConnections
+from proxy.upstream_status import (
+    counted_on_arrival,
+    error_class,
+    note_ratelimit,
+    outcome,
+    status_error,
+)
 
 MAX_REDIRECTS = 5
-# Connections to each upstream kept for everything but blob downloads (manifests, tokens,
-# HEADs, listings): a quarter of the pool, at least one and at most this many.
-RESERVED_CONNECTIONS = 4
-LOW_RATELIMIT = 10  # pulls left at which a warning is logged
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -60,30 +61,17 @@ class UpstreamClient:
         connections: int = 32,
     ) -> None:
         self.session = session
-        self.connections = connections
         self.metrics = metrics
         self.tokens = tokens or TokenCache()
+        self.pool = UpstreamConnections(connections)
+        self.fetcher = TokenFetcher(session, metrics, self.count_error, self.pool)
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._ssl_contexts: dict[str, ssl.SSLContext | bool] = {}
-        self._download_slots: dict[str, asyncio.Semaphore] = {}
 
     def download_slot(self, upstream: UpstreamConfig) -> asyncio.Semaphore:
-        """Held for a whole blob download. Downloads get the pool less a reserve, so the
-        other requests to this upstream never queue behind them (a download may stall for
-        as long as its slowest client allows)."""
-        if upstream.name not in self._download_slots:
-            reserve = min(RESERVED_CONNECTIONS, self.connections // 4) or 1
-            self._download_slots[upstream.name] = asyncio.Semaphore(
-                max(1, self.connections - reserve)
-            )
-        return self._download_slots[upstream.name]
-
-    def _ssl(self, upstream: UpstreamConfig) -> ssl.SSLContext | bool:
-        if upstream.name not in self._ssl_contexts:
-            self._ssl_contexts[upstream.name] = upstream_ssl(upstream)
-        return self._ssl_contexts[upstream.name]
+        """Held for a whole blob download (`UpstreamConnections.download_slot`)."""
+        return self.pool.download_slot(upstream)
 
     def breaker(self, upstream: UpstreamConfig) -> CircuitBreaker:
         if upstream.name not in self._breakers:
@@ -101,13 +89,28 @@ class UpstreamClient:
         response.release()
         if response.status == 404:
             raise not_found
-        error = _status_error(upstream, response)
-        if response.status < 500 and response.status != 429:  # 5xx, 429: counted in _send
+        error = status_error(upstream, response)
+        if not counted_on_arrival(response.status):
             self.count_error(upstream, error)
         raise error
 
+    def bad(self, upstream: UpstreamConfig, what: str) -> UpstreamBadResponse:
+        """The error for an answer upstream should not have sent, counted."""
+        error = UpstreamBadResponse(f"upstream {upstream.name} {what}")
+        self.count_error(upstream, error)
+        return error
+
+    def stream_failed(self, upstream: UpstreamConfig, exc: BaseException) -> UpstreamUnavailable:
+        """Record a body that broke off mid-stream (`exc`), and return the error for those
+        waiting on it. It moves the breaker but no counter: its exchange was booked when
+        the headers arrived."""
+        # A read that timed out marks upstream down at once, like a connect that timed out.
+        self.breaker(upstream).failure(unreachable=isinstance(exc, TimeoutError))
+        return UpstreamUnavailable(f"download from {upstream.name} failed")
+
     def count_error(self, upstream: UpstreamConfig, error: RegistryError) -> None:
-        self.metrics.upstream_errors.labels(upstream.name, _error_class(error)).inc()
+        """The one place `upstream_errors` is counted."""
+        self.metrics.upstream_errors.labels(upstream.name, error_class(error)).inc()
 
     async def request(
         self,
@@ -155,57 +158,14 @@ class UpstreamClient:
         self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
     ) -> str | None:
         if challenge.scheme == "basic":
-            return _basic(upstream)
+            return basic_authorization(upstream)
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
         token = await self.tokens.get_or_fetch(
-            (upstream.name, scope), lambda: self._fetch_token(upstream, challenge, scope)
+            (upstream.name, scope),
+            lambda: self.fetcher.fetch(upstream, challenge, scope),
         )
         return f"Bearer {token}"
-
-    async def _fetch_token(
-        self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
-    ) -> tuple[str, float]:
-        realm = URL(challenge.realm or "")
-        if realm.scheme not in ("http", "https"):
-            raise UpstreamBadResponse(f"upstream {upstream.name} sent an unusable token realm")
-        query: dict[str, str] = dict(realm.query)
-        if "service" in challenge.params:
-            query["service"] = challenge.params["service"]
-        wanted = challenge.params.get("scope") or scope
-        if wanted:
-            query["scope"] = wanted
-        headers = {}
-        basic = _basic(upstream)
-        if basic is not None:
-            headers["Authorization"] = basic
-            query["account"] = upstream.username or ""
-        try:
-            token = await self._request_token(upstream, realm.with_query(query), headers)
-        except RegistryError as error:
-            self.metrics.token_fetches.labels(upstream.name, "error").inc()
-            self.count_error(upstream, error)
-            raise
-        self.metrics.token_fetches.labels(upstream.name, "ok").inc()
-        return token
-
-    async def _request_token(
-        self, upstream: UpstreamConfig, url: URL, headers: dict[str, str]
-    ) -> tuple[str, float]:
-        try:
-            async with self.session.get(
-                url, headers=headers, timeout=_timeout(upstream), ssl=self._ssl(upstream)
-            ) as response:
-                if response.status in (401, 403):
-                    raise Unauthorized(f"upstream {upstream.name}'s token service refused us")
-                if response.status != 200:
-                    raise _status_error(upstream, response)
-                body = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamUnavailable(
-                f"token service of {upstream.name} unreachable: {type(exc).__name__}"
-            ) from None
-        return _parse_token(upstream, body)
 
     async def _send(
         self,
@@ -215,42 +175,13 @@ class UpstreamClient:
         headers: Mapping[str, str] | None,
         authorization: str | None,
     ) -> aiohttp.ClientResponse:
+        """Follow redirects here, not in aiohttp, so `authorization` goes to its origin only."""
         origin = url.origin()
-        breaker = self.breaker(upstream)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers or {})
             if authorization is not None and url.origin() == origin:
                 sent["Authorization"] = authorization
-            breaker.before_request()
-            started = time.perf_counter()
-            try:
-                response = await self.session.request(
-                    method,
-                    url,
-                    headers=sent,
-                    allow_redirects=False,
-                    timeout=_timeout(upstream),
-                    ssl=self._ssl(upstream),
-                )
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                # Refused, or no answer within the timeouts: mark upstream down at once, so
-                # the next request doesn't wait for the same timeout again.
-                breaker.failure(unreachable=True)
-                self._observe(upstream, "unreachable", started)
-                error = UpstreamUnavailable(
-                    f"upstream {upstream.name} unreachable: {type(exc).__name__}"
-                )
-                self.count_error(upstream, error)
-                raise error from None
-            self._observe(upstream, _outcome(response.status), started)
-            if response.status >= 500:
-                breaker.failure()
-                self.metrics.upstream_errors.labels(upstream.name, "server_error").inc()
-            else:
-                breaker.success()
-            if response.status == 429:
-                self.metrics.upstream_errors.labels(upstream.name, "rate_limited").inc()
-            self._note_ratelimit(upstream, response)
+            response = await self._send_once(upstream, method, url, sent)
             if response.status not in _REDIRECTS:
                 return response
             location = response.headers.get("Location")
@@ -264,86 +195,52 @@ class UpstreamClient:
                 method = "GET"
         raise self.bad(upstream, "redirected too many times")
 
-    def bad(self, upstream: UpstreamConfig, what: str) -> UpstreamBadResponse:
-        error = UpstreamBadResponse(f"upstream {upstream.name} {what}")
-        self.count_error(upstream, error)
-        return error
-
-    def _observe(self, upstream: UpstreamConfig, outcome: str, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        self.metrics.upstream_seconds.labels(upstream.name, outcome).observe(elapsed)
-
-    def _note_ratelimit(self, upstream: UpstreamConfig, response: aiohttp.ClientResponse) -> None:
-        """Docker Hub reports pulls left as `ratelimit-remaining: 76;w=21600`."""
-        value = response.headers.get("ratelimit-remaining", "").split(";", 1)[0].strip()
-        if not value.isdigit():
-            return
-        remaining = int(value)
-        self.metrics.ratelimit_remaining.labels(upstream.name).set(remaining)
-        if remaining < LOW_RATELIMIT:
-            log.warning(
-                "upstream %s: only %d pulls left in its rate limit", upstream.name, remaining
+    async def _send_once(
+        self, upstream: UpstreamConfig, method: str, url: URL, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        self.breaker(upstream).before_request()
+        started = time.perf_counter()
+        try:
+            response = await self.session.request(
+                method,
+                url,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self.pool.timeout(upstream),
+                ssl=self.pool.ssl_context(upstream),
             )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            error = UpstreamUnavailable(
+                f"upstream {upstream.name} unreachable: {type(exc).__name__}"
+            )
+            self._record(upstream, started, error)
+            raise error from None
+        self._record(upstream, started, response)
+        return response
 
-
-def _basic(upstream: UpstreamConfig) -> str | None:
-    if upstream.username is None or upstream.password is None:
-        return None
-    pair = f"{upstream.username}:{upstream.password.reveal()}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")
-
-
-def _timeout(upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
-    )
-
-
-def _parse_token(upstream: UpstreamConfig, body: bytes) -> tuple[str, float]:
-    try:
-        data: Any = json.loads(body)
-        token = data.get("token") or data.get("access_token")
-        expires_in = float(data.get("expires_in") or 0)
-    except (ValueError, AttributeError, TypeError):
-        token = None
-    if not isinstance(token, str) or not token:
-        raise UpstreamBadResponse(f"token service of {upstream.name} sent no token")
-    return token, expires_in
-
-
-def _status_error(upstream: UpstreamConfig, response: aiohttp.ClientResponse) -> RegistryError:
-    """The error for an upstream status that isn't success or "not found"."""
-    status = response.status
-    if status == 401:
-        return Unauthorized(f"upstream {upstream.name} refused our credentials")
-    if status == 403:
-        return Denied(f"upstream {upstream.name} denied access")
-    if status == 429:
-        retry_after = response.headers.get("Retry-After", "")
-        headers = {"Retry-After": retry_after} if retry_after.isdigit() else {}
-        return UpstreamRateLimited(f"upstream {upstream.name} is rate-limiting", headers=headers)
-    if status >= 500:
-        return UpstreamServerError(f"upstream {upstream.name} answered {status}")
-    return UpstreamBadResponse(f"upstream {upstream.name} answered {status}")
-
-
-def _outcome(status: int) -> str:
-    if status < 400:
-        return "ok"
-    if status == 404:
-        return "not_found"
-    if status == 429:
-        return "rate_limited"
-    return "server_error" if status >= 500 else "client_error"
-
-
-def _error_class(error: RegistryError) -> str:
-    if isinstance(error, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(error, Unauthorized | Denied):
-        return "unauthorized"
-    if isinstance(error, UpstreamServerError):
-        return "server_error"
-    if isinstance(error, UpstreamUnavailable):
-        return "unreachable"
-    return "bad_response"
+    def _record(
+        self,
+        upstream: UpstreamConfig,
+        started: float,
+        answer: aiohttp.ClientResponse | UpstreamUnavailable,
+    ) -> None:
+        """Book one exchange with upstream: its latency by outcome, the breaker, the errors
+        counted on arrival (unreachable, 5xx, 429), and the rate limit upstream reports."""
+        elapsed = time.perf_counter() - started
+        breaker = self.breaker(upstream)
+        if isinstance(answer, UpstreamUnavailable):
+            # Refused, or no answer within the timeouts: mark upstream down at once, so
+            # the next request doesn't wait for the same timeout again.
+            breaker.failure(unreachable=True)
+            self.metrics.upstream_seconds.labels(upstream.name, "unreachable").observe(elapsed)
+            self.count_error(upstream, answer)
+            return
+        status = answer.status
+        self.metrics.upstream_seconds.labels(upstream.name, outcome(status)).observe(elapsed)
+        if status >= 500:
+            breaker.failure()
+        else:
+            breaker.success()
+        if counted_on_arrival(status):
+            self.count_error(upstream, status_error(upstream, answer))
+        note_ratelimit(self.metrics, upstream, answer)

@@ -1,4 +1,5 @@
-"""Upstream authentication: `WWW-Authenticate` challenges and a cache of bearer tokens.
+"""Upstream authentication: `WWW-Authenticate` challenges, Basic credentials, and bearer
+tokens (fetched from the token service a challenge names, and cached until they expire).
 
 The shapes seen in the wild, all handled by one parser:
 
@@ -11,14 +12,23 @@ The shapes seen in the wild, all handled by one parser:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
 from cachetools import TLRUCache
+from yarl import URL
 
 from proxy.coalesce import Coalescer
+from proxy.config import UpstreamConfig
+from proxy.errors import RegistryError, Unauthorized, UpstreamBadResponse, UpstreamUnavailable
+from proxy.metrics import Metrics
+from proxy.upstream_connections import UpstreamConnections
+from proxy.upstream_status import status_error
 
 # RFC 9110 token and quoted-string; a challenge is `scheme` followed by `k=v` pairs.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -70,9 +80,16 @@ def pick_challenge(headers: list[str]) -> Challenge | None:
     return None
 
 
+def basic_authorization(upstream: UpstreamConfig) -> str | None:
+    """`Basic ...` for the upstream's configured credentials, if it has any."""
+    if upstream.username is None or upstream.password is None:
+        return None
+    return aiohttp.encode_basic_auth(upstream.username, upstream.password.reveal())
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
-    value: str
+    value: str = field(repr=False)
     expires_at: float
 
 
@@ -111,3 +128,89 @@ class TokenCache:
             return value
 
         return await self._fetching.run(key, fetch_and_keep)
+
+
+class TokenFetcher:
+    """Fetches bearer tokens from the token service a challenge names (the Docker token
+    spec), with each upstream's TLS settings and timeouts. Every fetch is counted in
+    `token_fetches`; a failed one is also handed to `count_error`, the client's one
+    counter of upstream errors."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        count_error: Callable[[UpstreamConfig, RegistryError], None],
+        pool: UpstreamConnections,
+    ) -> None:
+        self.session = session
+        self.metrics = metrics
+        self.count_error = count_error
+        self.pool = pool
+
+    async def fetch(
+        self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
+    ) -> tuple[str, float]:
+        """A token for `scope` -> (token, expires_in seconds)."""
+        url, headers = _token_request(upstream, challenge, scope)
+        try:
+            token = await self._request(upstream, url, headers)
+        except RegistryError as error:
+            self.metrics.token_fetches.labels(upstream.name, "error").inc()
+            self.count_error(upstream, error)
+            raise
+        self.metrics.token_fetches.labels(upstream.name, "ok").inc()
+        return token
+
+    async def _request(
+        self, upstream: UpstreamConfig, url: URL, headers: dict[str, str]
+    ) -> tuple[str, float]:
+        timeout, ssl_context = self.pool.timeout(upstream), self.pool.ssl_context(upstream)
+        try:
+            async with self.session.get(
+                url, headers=headers, timeout=timeout, ssl=ssl_context
+            ) as response:
+                return await _read_token(upstream, response)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamUnavailable(
+                f"token service of {upstream.name} unreachable: {type(exc).__name__}"
+            ) from None
+
+
+def _token_request(
+    upstream: UpstreamConfig, challenge: Challenge, scope: str | None
+) -> tuple[URL, dict[str, str]]:
+    realm = URL(challenge.realm or "")
+    if realm.scheme not in ("http", "https"):
+        raise UpstreamBadResponse(f"upstream {upstream.name} sent an unusable token realm")
+    query: dict[str, str] = dict(realm.query)
+    if "service" in challenge.params:
+        query["service"] = challenge.params["service"]
+    wanted = challenge.params.get("scope") or scope
+    if wanted:
+        query["scope"] = wanted
+    headers = {}
+    basic = basic_authorization(upstream)
+    if basic is not None:
+        headers["Authorization"] = basic
+        query["account"] = upstream.username or ""
+    return realm.with_query(query), headers
+
+
+async def _read_token(
+    upstream: UpstreamConfig, response: aiohttp.ClientResponse
+) -> tuple[str, float]:
+    if response.status in (401, 403):
+        raise Unauthorized(f"upstream {upstream.name}'s token service refused us")
+    if response.status != 200:
+        raise status_error(upstream, response)
+    body = await response.read()
+    try:
+        data: Any = json.loads(body)
+        token = data.get("token") or data.get("access_token")
+        expires_in = float(data.get("expires_in") or 0)
+    except (ValueError, AttributeError, TypeError):
+        token = None
+    if not isinstance(token, str) or not token:
+        raise UpstreamBadResponse(f"token service of {upstream.name} sent no token")
+    return token, expires_in

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 
 import pytest
 
-from proxy.upstream_auth import TokenCache, parse_challenges
+from proxy.config import Secret, UpstreamConfig
+from proxy.upstream_auth import Token, TokenCache, basic_authorization, parse_challenges
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
@@ -184,3 +186,17 @@ async def test_the_clients_authorization_is_never_forwarded(
         assert response.status == 404
     assert upstream.requests
     assert all("client-own-token" not in str(r.headers) for r in upstream.requests)
+
+
+@pytest.mark.parametrize(("user", "password"), [("robot", SECRET), ("jürgen", "pä:ss wörd")])
+def test_basic_credentials_are_utf8_user_colon_password(user: str, password: str) -> None:
+    upstream = UpstreamConfig(
+        "ghcr.io", "https://ghcr.io", username=user, password=Secret(password)
+    )
+    expected = base64.b64encode(f"{user}:{password}".encode()).decode()
+    assert basic_authorization(upstream) == f"Basic {expected}"
+    assert basic_authorization(UpstreamConfig("ghcr.io", "https://ghcr.io")) is None
+
+
+def test_a_token_never_shows_in_a_repr() -> None:
+    assert SECRET not in repr(Token(SECRET, 60.0))
