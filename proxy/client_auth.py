@@ -12,12 +12,10 @@ itself is never kept.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import hmac
 from pathlib import Path
 
+import aiohttp
 import bcrypt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -84,15 +82,13 @@ class Authenticator:
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:
     if not header:
         return None
+    # RFC 9110 allows more than one space after the scheme; BasicAuth.decode takes one.
     scheme, _, encoded = header.partition(" ")
-    if not hmac.compare_digest(scheme.lower().encode(), b"basic"):
-        return None
     try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        credentials = aiohttp.BasicAuth.decode(f"{scheme} {encoded.strip()}", encoding="utf-8")
+    except ValueError:  # not Basic, not ASCII base64, not UTF-8, or no colon
         return None
-    user, sep, password = decoded.partition(":")
-    return (user, password) if sep else None
+    return credentials.login, credentials.password
 
 
 def authenticator(config: AuthConfig) -> Authenticator | None:
