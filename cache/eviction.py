@@ -85,8 +85,11 @@ class Evictor:
     async def run_forever(self, interval: float = 60.0) -> None:
         """The app's background task: a pass every `interval`, or when the cache asks."""
         while True:
+            # Not asyncio.wait_for: on Python 3.11 a cancel that arrives as the event fires
+            # is swallowed, and the app's shutdown would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.cache.over_budget.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self.cache.over_budget.wait()
             self.cache.over_budget.clear()
             try:
                 await self.run_once()

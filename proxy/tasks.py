@@ -35,9 +35,15 @@ class BackgroundTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Cancel every task and wait for them, `grace` seconds at most: a task that
+        ignores its cancellation is reported, not waited for forever."""
         self._closed = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=grace)
+        for task in stuck:
+            log.error("background task %r did not stop when cancelled", task.get_name())

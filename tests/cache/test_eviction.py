@@ -216,3 +216,16 @@ async def test_concurrent_index_writes_do_not_interleave(cache: Cache) -> None:
         *(cache.tag_answers("docker.io", "library/app", f"t{n}") for n in range(50))
     )
     assert [r[0].digest for r in rows] == [str(d) for d in digests]
+
+
+async def test_the_evictor_stops_when_cancelled_just_as_it_is_woken(cache: Cache) -> None:
+    """Shutdown cancels the evictor; a wake-up in the same moment must not swallow that
+    (asyncio.wait_for on Python 3.11 does, and the app's shutdown then waits forever)."""
+    evictor = Evictor(cache, 30 * DAY)
+    running = asyncio.create_task(evictor.run_forever(interval=60))
+    await asyncio.sleep(0.01)  # waiting for a wake-up
+    cache.over_budget.set()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(2):
+            await running
