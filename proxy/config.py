@@ -348,6 +348,8 @@ def _parse_upstream(
     password = _expand(_get(raw, UpstreamConfig, "password"), f"{path}.password", env)
     if (username is None) != (password is None):
         raise ConfigError(path, "username and password must be given together")
+    if username is not None and ":" in username:  # Basic auth could not carry it (RFC 7617)
+        raise ConfigError(f"{path}.username", "must not contain ':'")
     return UpstreamConfig(
         name=name,
         url=(url or "").rstrip("/"),

@@ -75,6 +75,10 @@ def test_the_shipped_mirror_yaml_parses() -> None:
             "upstreams: [{name: a.io, url: https://a.io, username: u}]",
             "upstreams[0]: username and password must be given together",
         ),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, username: 'a:b', password: p}]",
+            "upstreams[0].username: must not contain ':'",
+        ),
         ("upstreams: [{name: a.io, url: https://a.io, colour: red}]", "upstreams[0].colour:"),
         ("listen: nowhere\n" + MINIMAL, "listen: must be HOST:PORT"),
         ("cache: {max_size: lots}\n" + MINIMAL, "cache.max_size: must be a size"),
