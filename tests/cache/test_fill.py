@@ -25,13 +25,19 @@ async def read_all(fill: Fill, size: int) -> bytes:
     return bytes(got)
 
 
+def passthrough_fill(tmp_path: Path, data: bytes, stall_timeout: float) -> Fill:
+    """A fill with no file behind it (the disk was full at its start), started."""
+    fill = Fill(Digest.of(data), -1, tmp_path / "none", stall_timeout=stall_timeout)
+    fill.go_passthrough()
+    fill.start(len(data))
+    return fill
+
+
 async def test_a_reader_that_takes_nothing_is_dropped_and_holds_no_more_than_the_buffer(
     tmp_path: Path,
 ) -> None:
     data = os.urandom(4 * PASSTHROUGH_BUFFER)
-    fill = Fill(Digest.of(data), -1, tmp_path / "none", stall_timeout=0.3)
-    fill.go_passthrough()
-    fill.start(len(data))
+    fill = passthrough_fill(tmp_path, data, stall_timeout=0.3)
     stalled = fill.attach(0)  # a client whose socket is full: it never advances
     steady = asyncio.create_task(read_all(fill, len(data)))
 
@@ -66,9 +72,7 @@ async def test_a_download_whose_only_reader_stalls_fails_instead_of_waiting(
     tmp_path: Path,
 ) -> None:
     data = os.urandom(2 * PASSTHROUGH_BUFFER)
-    fill = Fill(Digest.of(data), -1, tmp_path / "none", stall_timeout=0.2)
-    fill.go_passthrough()
-    fill.start(len(data))
+    fill = passthrough_fill(tmp_path, data, stall_timeout=0.2)
     fill.attach(0)
     with pytest.raises(FillFailed, match="no client left"):
         async with asyncio.timeout(5):
