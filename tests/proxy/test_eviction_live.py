@@ -16,13 +16,18 @@ KiB = 1024
 EVICTED = 'pullthrough_evictions_total{reason="size"}'
 
 
+async def small_mirror(make_mirror: MakeMirror, upstream: FakeUpstream) -> Mirror:
+    """A mirror of the fake upstream with a 1000 KiB cache."""
+    return await make_mirror(
+        [{"name": "docker.io", "url": upstream.url, "default": True}],
+        cache={"max_size": "1000KiB"},
+    )
+
+
 async def test_background_eviction_keeps_the_budget(
     fake_upstream: FakeUpstream, make_mirror: MakeMirror
 ) -> None:
-    mirror = await make_mirror(
-        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
-        cache={"max_size": "1000KiB"},
-    )
+    mirror = await small_mirror(make_mirror, fake_upstream)
     cache = mirror.app[CACHE]
     # 4 x 250 KiB fit the budget exactly, which crosses the 90 % high watermark.
     blobs = [os.urandom(250 * KiB) for _ in range(4)]
@@ -78,10 +83,7 @@ def bytes_on_disk(mirror: Mirror) -> int:
 async def test_layers_pulled_together_stay_within_max_size_and_are_counted_once(
     fake_upstream: FakeUpstream, make_mirror: MakeMirror
 ) -> None:
-    mirror = await make_mirror(
-        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
-        cache={"max_size": "1000KiB"},
-    )
+    mirror = await small_mirror(make_mirror, fake_upstream)
     cache = mirror.app[CACHE]
     fetched = 0
     for _ in range(3):  # three images of four layers, each image's layers in parallel
@@ -108,10 +110,7 @@ async def test_layers_pulled_together_stay_within_max_size_and_are_counted_once(
 async def test_an_eviction_by_the_cli_is_seen_by_the_running_server(
     fake_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
 ) -> None:
-    mirror = await make_mirror(
-        [{"name": "docker.io", "url": fake_upstream.url, "default": True}],
-        cache={"max_size": "1000KiB"},
-    )
+    mirror = await small_mirror(make_mirror, fake_upstream)
     blobs = [os.urandom(300 * KiB) for _ in range(3)]
     for blob in blobs:
         digest = fake_upstream.add_blob(REPO, blob)
