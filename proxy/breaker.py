@@ -13,7 +13,8 @@ stale content or a 503.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from proxy.errors import UpstreamUnavailable
@@ -44,16 +45,30 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self._probing = False
 
-    def before_request(self) -> None:
-        """Raise at once if upstream is marked down; otherwise let the request go."""
+    @contextmanager
+    def attempt(self) -> Iterator[None]:
+        """One exchange, let through by `before_request`. The body settles it with
+        `success` or `failure`; a probe that ends neither way (its task cancelled, an
+        unexpected error, an answer that tells nothing about the upstream) is released on
+        the way out, so that the next request probes instead of the breaker refusing forever."""
+        probe = self.before_request()
+        try:
+            yield
+        finally:
+            if probe and self.state == "half_open" and self._probing:
+                self._probing = False
+
+    def before_request(self) -> bool:
+        """Raise at once if upstream is marked down; otherwise let the request go, and
+        say whether it is the one probe of a half-open breaker."""
         if self.state == "closed":
-            return
+            return False
         if self.state == "open" and self.clock() - self.opened_at >= self.interval:
             self.state = "half_open"
             self._probing = False
         if self.state == "half_open" and not self._probing:
             self._probing = True  # this request is the one probe
-            return
+            return True
         remaining = max(0.0, self.opened_at + self.interval - self.clock())
         raise UpstreamUnavailable(
             f"upstream {self.name} is marked down after repeated failures;"

@@ -198,25 +198,25 @@ class UpstreamClient:
     async def _send_once(
         self, upstream: UpstreamConfig, method: str, url: URL, headers: Mapping[str, str]
     ) -> aiohttp.ClientResponse:
-        self.breaker(upstream).before_request()
-        started = time.perf_counter()
-        try:
-            response = await self.session.request(
-                method,
-                url,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self.pool.timeout(upstream),
-                ssl=self.pool.ssl_context(upstream),
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            error = UpstreamUnavailable(
-                f"upstream {upstream.name} unreachable: {type(exc).__name__}"
-            )
-            self._record(upstream, started, error)
-            raise error from None
-        self._record(upstream, started, response)
-        return response
+        with self.breaker(upstream).attempt():
+            started = time.perf_counter()
+            try:
+                response = await self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self.pool.timeout(upstream),
+                    ssl=self.pool.ssl_context(upstream),
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                error = UpstreamUnavailable(
+                    f"upstream {upstream.name} unreachable: {type(exc).__name__}"
+                )
+                self._record(upstream, started, error)
+                raise error from None
+            self._record(upstream, started, response)
+            return response
 
     def _record(
         self,

@@ -166,3 +166,27 @@ async def test_a_body_cut_off_mid_stream_is_one_breaker_failure_and_no_error_cou
     assert client.breaker(mirror.config.upstreams[0]).failures == 1
     # The exchange was booked as ok when its headers arrived; the cut adds no error count.
     assert await counted(mirror) == {"latency:ok": 1, "breaker": CLOSED}
+
+
+async def test_a_cancelled_probe_is_released_and_the_next_request_probes(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    digest = fake_upstream.add_blob(REPO, os.urandom(100))
+    path = f"/v2/{REPO}/blobs/{digest}"
+    fake_upstream.set_fault(digest, Fault(hang=True))
+    mirror = await mirror_for(make_mirror, fake_upstream.url, read_timeout="0.3s")
+    client, upstream = mirror.app[UPSTREAM], mirror.config.upstreams[0]
+    assert await status_of(mirror, f"/v2/app/blobs/{digest}") == 503  # timed out: open
+    mirror.clock.advance(61)  # past the open interval: the next request is the probe
+    probe = asyncio.create_task(client.request(upstream, "GET", path, repo=REPO))
+    async with asyncio.timeout(5):
+        while fake_upstream.count("GET", path) < 2:  # noqa: ASYNC110 - the probe is upstream
+            await asyncio.sleep(0.01)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    fake_upstream.clear_faults()
+    response = await client.request(upstream, "GET", path, repo=REPO)  # a probe again
+    response.release()
+    assert response.status == 200
+    assert (await counted(mirror))["breaker"] == CLOSED
