@@ -58,7 +58,9 @@ def client_name(upstream: UpstreamConfig, repo: str, default: UpstreamConfig | N
 def _target(upstream: UpstreamConfig, repo: str, name: str, ns: str | None) -> Target:
     check_repository(repo)
     if upstream.is_docker_hub and "/" not in repo:
-        repo = f"library/{repo}"
+        # Checked again with the prefix: a 255-character name is 263 upstream, where it
+        # would be refused with a 500 that counts against the upstream.
+        repo = check_repository(f"library/{repo}")
     if not allowed(upstream, repo):
         raise Denied(f"{upstream.name}/{repo} is not served by this mirror")
     return Target(upstream, repo, name, ns)

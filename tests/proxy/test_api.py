@@ -12,6 +12,7 @@ from yarl import URL
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream
 from tests.mirror import MakeMirror, Mirror
+from tests.upstream.registry import RegistryProcess
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -179,3 +180,18 @@ async def test_catalog_lists_cached_repositories(
         assert response.headers["Link"] == '</v2/_catalog?n=1&last=ghcr.io/org/tool>; rel="next"'
     async with mirror.get("/v2/_catalog?n=1&last=ghcr.io/org/tool") as response:
         assert await response.json() == {"repositories": ["library/alpine"]}
+
+
+async def test_a_name_too_long_once_library_is_added_is_refused_before_upstream(
+    token_registry: RegistryProcess, make_mirror: MakeMirror
+) -> None:
+    """255 characters are valid for us, but Docker Hub names get `library/` (263 then):
+    the real registry answers that with a 500, which would count against the upstream."""
+    mirror = await make_mirror([{"name": "docker.io", "url": token_registry.url, "default": True}])
+    for _ in range(3):
+        async with mirror.get(f"/v2/{'a' * 255}/manifests/latest") as response:
+            assert await error_of(response) == (400, "NAME_INVALID")
+    async with mirror.get(f"/v2/{'a' * 247}/manifests/latest") as response:
+        assert await error_of(response) == (404, "MANIFEST_UNKNOWN")  # 255 with the prefix
+    breaker = 'pullthrough_upstream_breaker_state{state="closed",upstream="docker.io"}'
+    assert await mirror.metric(breaker) == 1
