@@ -8,6 +8,16 @@ per layer.
 
 While open, requests fail at once with `UpstreamUnavailable`, so callers go straight to
 stale content or a 503.
+
+What moves which breaker (`UpstreamClient._record`). A client must not be able to open the
+breaker for everyone by asking for something upstream chokes on, so only upstream-wide
+signals move the upstream's breaker: refused connections and timeouts (any request), and
+5xx from requests about no repository (`/v2/`) or from the token service. A 5xx about one
+repository moves a breaker of that repository's own, kept in a bounded LRU map: after
+`threshold` in a row, that repository alone fails fast. This is simpler than confirming
+with a `/v2/` probe before opening (an extra request, made from a synchronous
+bookkeeping step), and it still spares upstream a repository that keeps failing. Any other
+answer closes both. A probe that ends neither way is released (`attempt`).
 """
 
 from __future__ import annotations

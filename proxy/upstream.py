@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import aiohttp
+from cachetools import LRUCache
 from yarl import URL
 
 from proxy.breaker import CircuitBreaker
@@ -46,6 +48,7 @@ from proxy.upstream_status import (
 )
 
 MAX_REDIRECTS = 5
+REPOSITORY_BREAKERS = 4096  # the repositories whose 5xx are remembered, least recent dropped
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -68,6 +71,9 @@ class UpstreamClient:
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._repository_breakers: LRUCache[tuple[str, str], CircuitBreaker] = LRUCache(
+            REPOSITORY_BREAKERS
+        )
 
     def download_slot(self, upstream: UpstreamConfig) -> asyncio.Semaphore:
         """Held for a whole blob download (`UpstreamConnections.download_slot`)."""
@@ -79,6 +85,15 @@ class UpstreamClient:
             self._breakers[upstream.name] = breaker
             self.metrics.watch_breaker(breaker)
         return self._breakers[upstream.name]
+
+    def repository_breaker(self, upstream: UpstreamConfig, repo: str) -> CircuitBreaker:
+        """The breaker that 5xx answers about `repo` move, instead of the upstream's."""
+        key = (upstream.name, repo)
+        breaker = self._repository_breakers.get(key)
+        if breaker is None:
+            breaker = CircuitBreaker(f"{upstream.name}/{repo}", clock=self.clock)
+            self._repository_breakers[key] = breaker
+        return breaker
 
     def check(
         self, upstream: UpstreamConfig, response: aiohttp.ClientResponse, not_found: RegistryError
@@ -131,7 +146,7 @@ class UpstreamClient:
             url = url.with_query(params)
         scope = f"repository:{repo}:pull" if repo else None
         sent_auth = await self._known_authorization(upstream, scope)
-        response = await self._send(upstream, method, url, headers, sent_auth)
+        response = await self._send(upstream, method, url, headers, sent_auth, repo)
         if response.status != 401:
             return response
         challenge = pick_challenge(response.headers.getall("WWW-Authenticate", []))
@@ -145,7 +160,7 @@ class UpstreamClient:
         authorization = await self._authorize(upstream, challenge, scope)
         if authorization is None:
             raise Unauthorized(f"upstream {upstream.name} requires credentials")
-        return await self._send(upstream, method, url, headers, authorization)
+        return await self._send(upstream, method, url, headers, authorization, repo)
 
     async def _known_authorization(self, upstream: UpstreamConfig, scope: str | None) -> str | None:
         """Authorization we can send up front, because this upstream challenged us before."""
@@ -174,6 +189,7 @@ class UpstreamClient:
         url: URL,
         headers: Mapping[str, str] | None,
         authorization: str | None,
+        repo: str | None,
     ) -> aiohttp.ClientResponse:
         """Follow redirects here, not in aiohttp, so `authorization` goes to its origin only."""
         origin = url.origin()
@@ -181,7 +197,7 @@ class UpstreamClient:
             sent = dict(headers or {})
             if authorization is not None and url.origin() == origin:
                 sent["Authorization"] = authorization
-            response = await self._send_once(upstream, method, url, sent)
+            response = await self._send_once(upstream, method, url, sent, repo)
             if response.status not in _REDIRECTS:
                 return response
             location = response.headers.get("Location")
@@ -196,9 +212,16 @@ class UpstreamClient:
         raise self.bad(upstream, "redirected too many times")
 
     async def _send_once(
-        self, upstream: UpstreamConfig, method: str, url: URL, headers: Mapping[str, str]
+        self,
+        upstream: UpstreamConfig,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        repo: str | None,
     ) -> aiohttp.ClientResponse:
-        with self.breaker(upstream).attempt():
+        scoped = self.repository_breaker(upstream, repo) if repo else None
+        about_repo: AbstractContextManager[None] = scoped.attempt() if scoped else nullcontext()
+        with self.breaker(upstream).attempt(), about_repo:
             started = time.perf_counter()
             try:
                 response = await self.session.request(
@@ -213,9 +236,9 @@ class UpstreamClient:
                 error = UpstreamUnavailable(
                     f"upstream {upstream.name} unreachable: {type(exc).__name__}"
                 )
-                self._record(upstream, started, error)
+                self._record(upstream, started, error, scoped)
                 raise error from None
-            self._record(upstream, started, response)
+            self._record(upstream, started, response, scoped)
             return response
 
     def _record(
@@ -223,9 +246,12 @@ class UpstreamClient:
         upstream: UpstreamConfig,
         started: float,
         answer: aiohttp.ClientResponse | UpstreamUnavailable,
+        scoped: CircuitBreaker | None,
     ) -> None:
-        """Book one exchange with upstream: its latency by outcome, the breaker, the errors
-        counted on arrival (unreachable, 5xx, 429), and the rate limit upstream reports."""
+        """Book one exchange with upstream: its latency by outcome, the breakers (the
+        upstream's, and `scoped`, the repository's when the request was about one), the
+        errors counted on arrival (unreachable, 5xx, 429), and the rate limit upstream
+        reports."""
         elapsed = time.perf_counter() - started
         breaker = self.breaker(upstream)
         if isinstance(answer, UpstreamUnavailable):
@@ -238,9 +264,13 @@ class UpstreamClient:
         status = answer.status
         self.metrics.upstream_seconds.labels(upstream.name, outcome(status)).observe(elapsed)
         if status >= 500:
-            breaker.failure()
+            # A 5xx about one repository may be that repository's own fault (or a client's
+            # doing): it moves that repository's breaker only.
+            (scoped or breaker).failure()
         else:
             breaker.success()
+            if scoped is not None:
+                scoped.success()
         if counted_on_arrival(status):
             self.count_error(upstream, status_error(upstream, answer))
         note_ratelimit(self.metrics, upstream, answer)

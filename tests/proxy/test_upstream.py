@@ -190,3 +190,22 @@ async def test_a_cancelled_probe_is_released_and_the_next_request_probes(
     response.release()
     assert response.status == 200
     assert (await counted(mirror))["breaker"] == CLOSED
+
+
+async def test_5xx_about_one_repository_open_its_breaker_not_the_upstreams(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    broken = fake_upstream.add_blob("library/broken", os.urandom(100))
+    fine = fake_upstream.add_blob(REPO, os.urandom(100))
+    fake_upstream.set_fault(broken, Fault(status=500))
+    mirror = await mirror_for(make_mirror, fake_upstream.url)
+    for _ in range(4):  # the 4th fails fast: this repository's breaker is open
+        assert await status_of(mirror, f"/v2/broken/blobs/{broken}") == 503
+    assert fake_upstream.count("GET", f"/v2/library/broken/blobs/{broken}") == 3
+    assert await status_of(mirror, f"/v2/app/blobs/{fine}") == 200  # every other one is served
+    assert await counted(mirror) == {
+        "error:server_error": 3,
+        "latency:server_error": 3,
+        "latency:ok": 1,
+        "breaker": CLOSED,
+    }
