@@ -67,7 +67,7 @@ class UpstreamClient:
         self.metrics = metrics
         self.tokens = tokens or TokenCache()
         self.pool = UpstreamConnections(connections)
-        self.fetcher = TokenFetcher(session, metrics, self.count_error, self.pool)
+        self.fetcher = TokenFetcher(session, metrics, self.count_error, self.pool, self.breaker)
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}

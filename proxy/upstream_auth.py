@@ -23,9 +23,16 @@ import aiohttp
 from cachetools import TLRUCache
 from yarl import URL
 
+from proxy.breaker import CircuitBreaker
 from proxy.coalesce import Coalescer
 from proxy.config import UpstreamConfig
-from proxy.errors import RegistryError, Unauthorized, UpstreamBadResponse, UpstreamUnavailable
+from proxy.errors import (
+    RegistryError,
+    Unauthorized,
+    UpstreamBadResponse,
+    UpstreamServerError,
+    UpstreamUnavailable,
+)
 from proxy.metrics import Metrics
 from proxy.upstream_connections import UpstreamConnections
 from proxy.upstream_status import status_error
@@ -134,7 +141,13 @@ class TokenFetcher:
     """Fetches bearer tokens from the token service a challenge names (the Docker token
     spec), with each upstream's TLS settings and timeouts. Every fetch is counted in
     `token_fetches`; a failed one is also handed to `count_error`, the client's one
-    counter of upstream errors."""
+    counter of upstream errors.
+
+    The token service (for Docker Hub, another host) sits behind the upstream's breaker:
+    a dead one would otherwise cost every request its full timeout. Its refused
+    connections, timeouts and 5xx are upstream-wide signals; a token it hands out says
+    nothing about the registry, so it doesn't close the breaker (a probe it carried is
+    released, and the registry request after it probes)."""
 
     def __init__(
         self,
@@ -142,23 +155,31 @@ class TokenFetcher:
         metrics: Metrics,
         count_error: Callable[[UpstreamConfig, RegistryError], None],
         pool: UpstreamConnections,
+        breaker: Callable[[UpstreamConfig], CircuitBreaker],
     ) -> None:
         self.session = session
         self.metrics = metrics
         self.count_error = count_error
         self.pool = pool
+        self.breaker = breaker
 
     async def fetch(
         self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
     ) -> tuple[str, float]:
         """A token for `scope` -> (token, expires_in seconds)."""
         url, headers = _token_request(upstream, challenge, scope)
-        try:
-            token = await self._request(upstream, url, headers)
-        except RegistryError as error:
-            self.metrics.token_fetches.labels(upstream.name, "error").inc()
-            self.count_error(upstream, error)
-            raise
+        breaker = self.breaker(upstream)
+        with breaker.attempt():
+            try:
+                token = await self._request(upstream, url, headers)
+            except RegistryError as error:
+                self.metrics.token_fetches.labels(upstream.name, "error").inc()
+                self.count_error(upstream, error)
+                if isinstance(error, UpstreamServerError):
+                    breaker.failure()
+                elif isinstance(error, UpstreamUnavailable):
+                    breaker.failure(unreachable=True)
+                raise
         self.metrics.token_fetches.labels(upstream.name, "ok").inc()
         return token
 

@@ -17,8 +17,9 @@ has left (`ratelimit-remaining`).
 because most 401s are challenges that `UpstreamClient.request` answers itself.
 
 A token service's failures are counted by `TokenFetcher` (upstream_auth.py), by the class
-of the error they raise; they have no latency and don't move the breaker. A blob body that
-breaks off mid-stream moves only the breaker (`UpstreamClient.stream_failed`).
+of the error they raise; they have no latency, and when unreachable or 5xx they move the
+upstream's breaker. A blob body that breaks off mid-stream moves only the breaker
+(`UpstreamClient.stream_failed`).
 """
 
 from __future__ import annotations

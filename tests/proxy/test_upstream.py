@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import aiohttp
 import pytest
@@ -109,13 +110,21 @@ async def test_unreachable_is_counted_once_and_the_fail_fast_after_it_not_at_all
     }
 
 
-async def test_a_token_service_failure_is_counted_once_and_leaves_the_breaker_alone(
-    make_fake_upstream: MakeFakeUpstream, make_mirror: MakeMirror
-) -> None:
+async def with_token_fault(
+    make_fake_upstream: MakeFakeUpstream, fault: Fault
+) -> tuple[FakeUpstream, str]:
+    """A Docker-Hub-like upstream holding one blob (its digest), whose token service has `fault`."""
     upstream = await make_fake_upstream(auth="dockerhub")
     digest = upstream.add_blob(REPO, os.urandom(100))
     assert upstream.auth.token_path is not None
-    upstream.set_fault(upstream.auth.token_path, Fault(status=503))
+    upstream.set_fault(upstream.auth.token_path, fault)
+    return upstream, digest
+
+
+async def test_a_token_service_5xx_is_counted_once_and_is_one_upstream_breaker_failure(
+    make_fake_upstream: MakeFakeUpstream, make_mirror: MakeMirror
+) -> None:
+    upstream, digest = await with_token_fault(make_fake_upstream, Fault(status=503))
     mirror = await mirror_for(make_mirror, upstream.url)
     assert await status_of(mirror, f"/v2/app/blobs/{digest}") == 503
     assert await counted(mirror) == {
@@ -123,6 +132,29 @@ async def test_a_token_service_failure_is_counted_once_and_leaves_the_breaker_al
         "token:error": 1,
         "latency:client_error": 1,  # the registry's 401 challenge
         "breaker": CLOSED,
+    }
+    # An upstream-wide signal: the challenge's answer reset the breaker, the token's 503 is
+    # its one failure since.
+    assert mirror.app[UPSTREAM].breaker(mirror.config.upstreams[0]).failures == 1
+
+
+async def test_a_hanging_token_service_costs_one_timeout_then_fails_fast(
+    make_fake_upstream: MakeFakeUpstream, make_mirror: MakeMirror
+) -> None:
+    upstream, digest = await with_token_fault(make_fake_upstream, Fault(hang=True))
+    mirror = await mirror_for(make_mirror, upstream.url, read_timeout="1s")
+    waited: list[float] = []
+    for _ in range(2):
+        started = time.monotonic()
+        assert await status_of(mirror, f"/v2/app/blobs/{digest}") == 503
+        waited.append(time.monotonic() - started)
+    assert waited[0] > 0.9 and waited[1] < 0.5, waited  # the second doesn't wait again
+    assert len(upstream.token_requests) == 1
+    assert await counted(mirror) == {
+        "error:unreachable": 1,
+        "token:error": 1,
+        "latency:client_error": 1,  # the registry's 401 challenge
+        "breaker": OPEN,
     }
 
 
