@@ -51,6 +51,20 @@ def test_breaker_opens_probes_and_backs_off() -> None:
     breaker.before_request()
 
 
+def test_a_probe_that_ends_in_an_unexpected_error_is_released() -> None:
+    clock = FakeClock(0)
+    breaker = CircuitBreaker("up", clock=clock)
+    breaker.failure(unreachable=True)
+    clock.advance(2)
+    with pytest.raises(ValueError), breaker.attempt():
+        with pytest.raises(UpstreamUnavailable), breaker.attempt():
+            pass  # while the probe is out, everyone else still fails fast
+        raise ValueError("neither success nor failure")
+    assert breaker.before_request()  # the next request is the probe again
+    breaker.success()
+    assert breaker.state == "closed"
+
+
 def test_an_unreachable_upstream_opens_the_breaker_at_once() -> None:
     breaker = CircuitBreaker("up", clock=FakeClock(0))
     breaker.failure(unreachable=True)
