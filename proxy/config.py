@@ -72,6 +72,8 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl")
 # An upstream name is the registry host clients ask for: a hostname, optionally with a port.
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
+# The NAME of `docker-credential-NAME`: a file name, never a path.
+_HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _names(cls: type[Any]) -> set[str]:
@@ -350,18 +352,39 @@ def _parse_upstream(
         raise ConfigError(path, "username and password must be given together")
     if username is not None and ":" in username:  # Basic auth could not carry it (RFC 7617)
         raise ConfigError(f"{path}.username", "must not contain ':'")
+    helper = _credential_helper(raw, path, username is not None)
     return UpstreamConfig(
         name=name,
         url=(url or "").rstrip("/"),
         default=default,
         username=username,
         password=Secret(password) if password is not None else None,
+        credential_helper=helper,
+        credential_lifetime=parse_duration(
+            _get(raw, UpstreamConfig, "credential_lifetime"), f"{path}.credential_lifetime"
+        ),
         allow=_patterns(_get(raw, UpstreamConfig, "allow"), f"{path}.allow"),
         deny=_patterns(_get(raw, UpstreamConfig, "deny"), f"{path}.deny"),
         ca_bundle=_readable_file(_get(raw, UpstreamConfig, "ca_bundle"), f"{path}.ca_bundle"),
         insecure=insecure,
         **_tunables(raw, path, defaults),
     )
+
+
+def _credential_helper(raw: dict[str, Any], path: str, has_password: bool) -> str | None:
+    helper = _get(raw, UpstreamConfig, "credential_helper")
+    if helper is None:
+        return None
+    if not isinstance(helper, str) or not _HELPER_NAME.fullmatch(helper):
+        raise ConfigError(
+            f"{path}.credential_helper",
+            "must be the NAME of docker-credential-NAME, e.g. ecr-login",
+        )
+    if has_password:
+        raise ConfigError(
+            f"{path}.credential_helper", "cannot be combined with username and password"
+        )
+    return helper
 
 
 def _tunables(raw: dict[str, Any], path: str, defaults: dict[str, Any]) -> dict[str, float]:

@@ -58,6 +58,13 @@ class UpstreamConfig:
     default: bool = field(default=False, metadata=_help("names with no upstream prefix go here"))
     username: str | None = field(default=None, metadata=_help("user for upstream token/Basic"))
     password: Secret | None = field(default=None, metadata=_help("password or token; ${ENV}"))
+    credential_helper: str | None = field(
+        default=None,
+        metadata=_help("runs docker-credential-NAME get for the credentials (not with username)"),
+    )
+    credential_lifetime: float = field(
+        default=300.0, metadata=_help("seconds a credential helper's answer is reused")
+    )
     connect_timeout: float = field(default=3.0, metadata=_help("seconds to open a connection"))
     read_timeout: float = field(default=30.0, metadata=_help("seconds a read may sit idle"))
     manifest_ttl: float = field(

@@ -29,13 +29,13 @@ from yarl import URL
 
 from proxy.breaker import CircuitBreaker
 from proxy.config import UpstreamConfig
+from proxy.credentials import CredentialHelpers
 from proxy.errors import RegistryError, Unauthorized, UpstreamBadResponse, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.upstream_auth import (
     Challenge,
     TokenCache,
     TokenFetcher,
-    basic_authorization,
     pick_challenge,
 )
 from proxy.upstream_connections import UpstreamConnections
@@ -67,8 +67,15 @@ class UpstreamClient:
         self.metrics = metrics
         self.tokens = tokens or TokenCache()
         self.pool = UpstreamConnections(connections)
-        self.fetcher = TokenFetcher(session, metrics, self.count_error, self.pool, self.breaker)
         self.clock = clock
+        self.fetcher = TokenFetcher(
+            session,
+            metrics,
+            self.count_error,
+            self.pool,
+            self.breaker,
+            CredentialHelpers(clock),
+        )
         self._challenges: dict[str, Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._repository_breakers: LRUCache[tuple[str, str], CircuitBreaker] = LRUCache(
@@ -157,6 +164,8 @@ class UpstreamClient:
         if sent_auth is not None:
             # A cached token that upstream now refuses (expired early, revoked): drop it.
             self.tokens.drop((upstream.name, scope))
+            if challenge.scheme == "basic":
+                self.fetcher.basic_refused(upstream, sent_auth)  # a rotated helper password
         authorization = await self._authorize(upstream, challenge, scope)
         if authorization is None:
             raise Unauthorized(f"upstream {upstream.name} requires credentials")
@@ -173,7 +182,7 @@ class UpstreamClient:
         self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
     ) -> str | None:
         if challenge.scheme == "basic":
-            return basic_authorization(upstream)
+            return await self.fetcher.basic(upstream)
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
         token = await self.tokens.get_or_fetch(

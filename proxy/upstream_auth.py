@@ -1,5 +1,7 @@
 """Upstream authentication: `WWW-Authenticate` challenges, Basic credentials, and bearer
 tokens (fetched from the token service a challenge names, and cached until they expire).
+Credentials are the configured `username`/`password`, or a credential helper's answer
+(`proxy.credentials`), which is asked again, once, when upstream refuses it.
 
 The shapes seen in the wild, all handled by one parser:
 
@@ -26,6 +28,7 @@ from yarl import URL
 from proxy.breaker import CircuitBreaker
 from proxy.coalesce import Coalescer
 from proxy.config import UpstreamConfig
+from proxy.credentials import CredentialHelpers, Credentials
 from proxy.errors import (
     RegistryError,
     Unauthorized,
@@ -87,8 +90,13 @@ def pick_challenge(headers: list[str]) -> Challenge | None:
     return None
 
 
-def basic_authorization(upstream: UpstreamConfig) -> str | None:
-    """`Basic ...` for the upstream's configured credentials, if it has any."""
+def basic_authorization(upstream: UpstreamConfig, helped: Credentials | None = None) -> str | None:
+    """`Basic ...` for a helper's answer `helped`, else for the upstream's configured
+    credentials, if it has any. An identity token is no password: it buys tokens only."""
+    if helped is not None:
+        if helped.identity_token:
+            return None
+        return aiohttp.encode_basic_auth(helped.username, helped.secret.reveal())
     if upstream.username is None or upstream.password is None:
         return None
     return aiohttp.encode_basic_auth(upstream.username, upstream.password.reveal())
@@ -147,7 +155,11 @@ class TokenFetcher:
     a dead one would otherwise cost every request its full timeout. Its refused
     connections, timeouts and 5xx are upstream-wide signals; a token it hands out says
     nothing about the registry, so it doesn't close the breaker (a probe it carried is
-    released, and the registry request after it probes)."""
+    released, and the registry request after it probes).
+
+    With a credential helper, a 401 from the token service runs the helper again and
+    retries once: its answer may have been rotated since it was kept. A helper that fails
+    raises before any request, so it moves no breaker and counts no upstream error."""
 
     def __init__(
         self,
@@ -156,7 +168,9 @@ class TokenFetcher:
         count_error: Callable[[UpstreamConfig, RegistryError], None],
         pool: UpstreamConnections,
         breaker: Callable[[UpstreamConfig], CircuitBreaker],
+        helpers: CredentialHelpers,
     ) -> None:
+        self.helpers = helpers
         self.session = session
         self.metrics = metrics
         self.count_error = count_error
@@ -167,11 +181,39 @@ class TokenFetcher:
         self, upstream: UpstreamConfig, challenge: Challenge, scope: str | None
     ) -> tuple[str, float]:
         """A token for `scope` -> (token, expires_in seconds)."""
-        url, headers = _token_request(upstream, challenge, scope)
+        helped = await self.helpers.get(upstream)
+        try:
+            return await self._fetch_once(upstream, challenge, scope, helped)
+        except Unauthorized:
+            if helped is None:
+                raise
+        self.helpers.refused(upstream, helped)
+        helped = await self.helpers.get(upstream)
+        return await self._fetch_once(upstream, challenge, scope, helped)
+
+    async def basic(self, upstream: UpstreamConfig) -> str | None:
+        """`Basic ...` for the upstream's credentials, from its helper if it has one."""
+        return basic_authorization(upstream, await self.helpers.get(upstream))
+
+    def basic_refused(self, upstream: UpstreamConfig, sent: str) -> None:
+        """Upstream refused Basic `sent`: if that was the helper's answer, the next
+        `basic` runs the helper again."""
+        kept = self.helpers.kept(upstream)
+        if kept is not None and basic_authorization(upstream, kept) == sent:
+            self.helpers.refused(upstream, kept)
+
+    async def _fetch_once(
+        self,
+        upstream: UpstreamConfig,
+        challenge: Challenge,
+        scope: str | None,
+        helped: Credentials | None,
+    ) -> tuple[str, float]:
+        request = _token_request(upstream, challenge, scope, helped)
         breaker = self.breaker(upstream)
         with breaker.attempt():
             try:
-                token = await self._request(upstream, url, headers)
+                token = await self._request(upstream, request)
             except RegistryError as error:
                 self.metrics.token_fetches.labels(upstream.name, "error").inc()
                 self.count_error(upstream, error)
@@ -183,13 +225,16 @@ class TokenFetcher:
         self.metrics.token_fetches.labels(upstream.name, "ok").inc()
         return token
 
-    async def _request(
-        self, upstream: UpstreamConfig, url: URL, headers: dict[str, str]
-    ) -> tuple[str, float]:
+    async def _request(self, upstream: UpstreamConfig, request: TokenRequest) -> tuple[str, float]:
         timeout, ssl_context = self.pool.timeout(upstream), self.pool.ssl_context(upstream)
         try:
-            async with self.session.get(
-                url, headers=headers, timeout=timeout, ssl=ssl_context
+            async with self.session.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                data=request.form,
+                timeout=timeout,
+                ssl=ssl_context,
             ) as response:
                 return await _read_token(upstream, response)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -198,24 +243,41 @@ class TokenFetcher:
             ) from None
 
 
+@dataclass(frozen=True)
+class TokenRequest:
+    method: str
+    url: URL
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    form: dict[str, str] | None = field(default=None, repr=False)
+
+
 def _token_request(
-    upstream: UpstreamConfig, challenge: Challenge, scope: str | None
-) -> tuple[URL, dict[str, str]]:
+    upstream: UpstreamConfig, challenge: Challenge, scope: str | None, helped: Credentials | None
+) -> TokenRequest:
+    """The token spec's `GET` (anonymous or Basic), or for an identity token its OAuth2
+    form: `POST` with `grant_type=refresh_token`, as Docker sends one."""
     realm = URL(challenge.realm or "")
     if realm.scheme not in ("http", "https"):
         raise UpstreamBadResponse(f"upstream {upstream.name} sent an unusable token realm")
-    query: dict[str, str] = dict(realm.query)
+    asked: dict[str, str] = {}
     if "service" in challenge.params:
-        query["service"] = challenge.params["service"]
-    wanted = challenge.params.get("scope") or scope
+        asked["service"] = challenge.params["service"]
+    # The request's own scope first: a remembered challenge names the repository of the
+    # request that drew it, and a token for that one would be refused for this one.
+    wanted = scope or challenge.params.get("scope")
     if wanted:
-        query["scope"] = wanted
+        asked["scope"] = wanted
+    if helped is not None and helped.identity_token:
+        form = {"grant_type": "refresh_token", "client_id": "pullthrough", **asked}
+        form["refresh_token"] = helped.secret.reveal()
+        return TokenRequest("POST", realm, form=form)
+    query = {**realm.query, **asked}
     headers = {}
-    basic = basic_authorization(upstream)
+    basic = basic_authorization(upstream, helped)
     if basic is not None:
         headers["Authorization"] = basic
-        query["account"] = upstream.username or ""
-    return realm.with_query(query), headers
+        query["account"] = helped.username if helped is not None else upstream.username or ""
+    return TokenRequest("GET", realm.with_query(query), headers)
 
 
 async def _read_token(

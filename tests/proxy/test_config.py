@@ -79,6 +79,19 @@ def test_the_shipped_mirror_yaml_parses() -> None:
             "upstreams: [{name: a.io, url: https://a.io, username: 'a:b', password: p}]",
             "upstreams[0].username: must not contain ':'",
         ),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, username: u, password: p,"
+            " credential_helper: ecr-login}]",
+            "upstreams[0].credential_helper: cannot be combined with username and password",
+        ),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, credential_helper: ../bin/sh}]",
+            "upstreams[0].credential_helper: must be the NAME of docker-credential-NAME",
+        ),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, credential_lifetime: soon}]",
+            "upstreams[0].credential_lifetime: must be a duration",
+        ),
         ("upstreams: [{name: a.io, url: https://a.io, colour: red}]", "upstreams[0].colour:"),
         ("listen: nowhere\n" + MINIMAL, "listen: must be HOST:PORT"),
         ("cache: {max_size: lots}\n" + MINIMAL, "cache.max_size: must be a size"),

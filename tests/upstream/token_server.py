@@ -123,11 +123,13 @@ class TokenServer:
     - Anonymous ``GET /token`` gets ``pull`` on every requested repository
       (unless ``require_auth`` or the repo is in ``private_repos``).
     - Basic credentials from ``users`` get every requested action; wrong ones get 401.
-    - ``POST /token`` (OAuth2 password grant form) is supported too.
+    - ``POST /token`` (OAuth2 form) is supported too: ``grant_type=password``, and
+      ``grant_type=refresh_token`` for the refresh tokens in ``refresh_tokens``
+      (token -> user), the identity tokens a credential helper hands out.
     - Every request is recorded in ``requests`` (thread-safe) for assertions.
 
-    Knobs meant to be flipped by tests at run time: ``require_auth``,
-    ``private_repos``, ``expires_in``, ``claim_lifetime`` (JWT ``exp`` offset,
+    Knobs meant to be flipped by tests at run time: ``require_auth``, ``users``,
+    ``refresh_tokens``, ``private_repos``, ``expires_in``, ``claim_lifetime`` (JWT ``exp`` offset,
     independent of the advertised ``expires_in``; negative makes the registry
     reject the token) and ``fail_status`` (answer every request with it).
     """
@@ -144,6 +146,7 @@ class TokenServer:
     ) -> None:
         self._defaults = (dict(DEFAULT_USERS if users is None else users), require_auth, expires_in)
         self.users: dict[str, str] = {}
+        self.refresh_tokens: dict[str, str] = {}
         self.require_auth = require_auth
         self.expires_in = expires_in
         self.claim_lifetime: int | None = None
@@ -169,6 +172,7 @@ class TokenServer:
         """Put every run-time knob back to its constructor value (recorded requests are kept)."""
         users, self.require_auth, self.expires_in = self._defaults
         self.users = dict(users)
+        self.refresh_tokens = {}
         self.claim_lifetime = None
         self.fail_status = None
         self.private_repos = set()
@@ -336,7 +340,11 @@ class TokenServer:
         if self.fail_status is not None:
             return None, self.fail_status, {"details": "injected failure"}
         username, password = self._credentials(auth_header, params, oauth)
-        if username is not None:
+        if oauth and (params.get("grant_type") or [""])[0] == "refresh_token":
+            username = self.refresh_tokens.get((params.get("refresh_token") or [""])[0])
+            if username is None:
+                return None, 401, {"details": "invalid refresh token"}
+        elif username is not None:
             if self.users.get(username) != password:
                 return username, 401, {"details": "incorrect username or password"}
         elif self.require_auth:
