@@ -46,6 +46,9 @@ class Fill:
         self.passthrough = False
         self.settled = asyncio.Event()  # committed, passed through or abandoned: all done
         self.on_passthrough: Callable[[Fill], None] | None = None
+        # The (upstream, repository) pairs that may read this fill: the one it downloads
+        # for, and any that upstream confirmed holds the digest too (Cache.link).
+        self.links: set[tuple[str, str]] = set()
         self._hasher: Any = digest.hasher()
         # Pass-through only: (offset, bytes) not on disk, until every reader has taken them.
         self._chunks: deque[tuple[int, bytes]] = deque()

@@ -45,7 +45,8 @@ CREATE TABLE blobs (
 ) WITHOUT ROWID;
 CREATE INDEX blobs_by_last_access ON blobs (last_access);
 
--- Which repositories a blob was pulled through: the catalog, and stats by repository.
+-- Which repositories a blob may be served under (pulled through, or confirmed upstream
+-- since): the scoping rule, the catalog, and stats by repository.
 CREATE TABLE repo_blobs (
     upstream TEXT NOT NULL,
     repo     TEXT NOT NULL,
@@ -199,6 +200,27 @@ class Index:
                     "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
                     " VALUES (?, ?, NULL, ?, ?)",
                     (digest, size, now, now),
+                )
+            ]
+        )
+
+    async def has_link(self, upstream: str, repo: str, digest: str) -> bool:
+        """Whether (upstream, repo) may be served this stored digest (its primary key)."""
+        async with self.db.execute(
+            "SELECT 1 FROM repo_blobs WHERE upstream = ? AND repo = ? AND digest = ?",
+            (upstream, repo, digest),
+        ) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def add_link(self, upstream: str, repo: str, digest: str) -> None:
+        """Link (upstream, repo) to a digest, if it is indexed: a link never outlives its
+        blob, and is never made ahead of it."""
+        await self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest)"
+                    " SELECT ?, ?, digest FROM blobs WHERE digest = ?",
+                    (upstream, repo, digest),
                 )
             ]
         )

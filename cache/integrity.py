@@ -7,6 +7,9 @@ a file without a row (crash between     re-hashed, then adopted   reported
   rename and insert)                      or deleted
 a file whose bytes don't match its name only if it has no row     re-hashed, reported;
                                                                     --repair deletes
+
+Links go with their rows: a dropped row takes its repositories' links along, and an
+adopted file has none, so it is served to no repository until upstream confirms one.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ async def reconcile(cache: Cache) -> Report:
     indexed = await cache.index.digests()
     report.missing = sorted(indexed - {str(d) for d in on_disk})
     if report.missing:
-        await cache.index.remove_blobs(report.missing)
+        await cache.unindex(report.missing)
     for digest, path in on_disk.items():
         if str(digest) in indexed:
             continue
@@ -108,7 +111,7 @@ async def fsck(cache: Cache, repair: bool = False) -> Report:
         for text in report.bad:
             cache.files.remove(Digest.parse(text))
         doomed = report.bad + report.missing
-        await cache.index.remove_blobs(doomed)
+        await cache.unindex(doomed)
         report.removed = doomed
         await cache.recount()
     return report

@@ -5,6 +5,10 @@ any moment harmless: bytes go to tmp/, are verified and fsynced, are renamed int
 and only then get an index row. A row therefore always has a complete file behind it; a
 file without a row (a crash between rename and insert) is adopted at start-up by
 `cache.reconcile`, after its bytes are checked again.
+
+A stored digest is served only to the (upstream, repository) pairs linked to it: the one
+it was pulled through, and those upstream has since confirmed hold it too. An adopted
+file has no links, so it is served to nobody until upstream confirms one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cachetools import LRUCache
+
 from cache.digests import Digest
 from cache.errors import DISK_FULL_ERRNOS, DiskFull, StoreClosed
 from cache.files import BlobFiles
@@ -28,9 +34,14 @@ from cache.index import BlobRow, Index, TagRow
 log = logging.getLogger("pullthrough.cache")
 
 # How a lookup was answered: from a stored file (hit), by joining a download in progress
-# (coalesced), by starting one (miss), or with cached content upstream failed to confirm.
-LookupResult = Literal["hit", "miss", "coalesced", "stale"]
+# (coalesced), by starting one (miss), with cached content upstream failed to confirm
+# (stale), or from the cache once upstream confirmed this repository holds it (confirmed).
+LookupResult = Literal["hit", "miss", "coalesced", "stale", "confirmed"]
 CacheState = Literal["new", "open", "closed"]
+Link = tuple[str, str]  # (upstream, repository)
+# Digests whose confirmed links are kept in memory, least recent dropped: a linked hit
+# then costs a dict lookup, and at most one indexed SQLite read when it was dropped.
+LINKS_REMEMBERED = 65536
 
 
 @dataclass(slots=True)
@@ -78,6 +89,8 @@ class Cache:
         self.over_budget = asyncio.Event()  # wakes the evictor
         self._fills: dict[Digest, Fill] = {}
         self._accessed: dict[str, float] = {}
+        self._links: LRUCache[str, set[Link]] = LRUCache(LINKS_REMEMBERED)
+        self._removals = 0  # bumped by every removal, so a link read before one is not kept
         self._state: CacheState = "new"
 
     async def open(self, clear_debris: bool = True) -> None:
@@ -149,6 +162,51 @@ class Cache:
         fd, size = opened
         return OpenBlob(fd, size)
 
+    # -- links: which (upstream, repository) may be served a digest ---------------------
+
+    async def is_linked(self, digest: Digest, link: Link) -> bool:
+        """Whether `link` may be served this digest without asking upstream first."""
+        fill = self._fills.get(digest)
+        if fill is not None and link in fill.links:
+            return True
+        key = str(digest)
+        known = self._links.get(key)
+        if known is not None and link in known:
+            return True
+        removals = self._removals
+        if not await self.index.has_link(link[0], link[1], key):
+            return False
+        if removals == self._removals:  # else the row may be gone already: ask again next time
+            self._remember(key, link)
+        return True
+
+    def stores(self, digest: Digest) -> bool:
+        """Whether `open_blob` would find the digest: a file, or a download to join."""
+        fill = self._fills.get(digest)
+        if fill is not None and fill.error is None:
+            return True
+        return self.files.path_for(digest).is_file()
+
+    async def link(self, digest: Digest, link: Link) -> None:
+        """Upstream confirmed `link` holds this digest: serve it the stored copy from now on."""
+        fill = self._fills.get(digest)
+        if fill is not None:
+            fill.links.add(link)  # indexed when the fill commits
+        self._remember(str(digest), link)
+        with contextlib.suppress(DiskFull):  # kept in memory; confirmed again after a restart
+            await self.index.add_link(link[0], link[1], str(digest))
+
+    def _remember(self, digest: str, link: Link) -> None:
+        known = self._links.get(digest)
+        if known is None:
+            self._links[digest] = known = set()
+        known.add(link)
+
+    def _forget_links(self, digests: list[str]) -> None:
+        self._removals += 1
+        for digest in digests:
+            self._links.pop(digest, None)
+
     def touch(self, digest: Digest | str) -> None:
         """Note an access; written to the index in batches by `flush_access`."""
         self._accessed[str(digest)] = self.clock()
@@ -163,7 +221,10 @@ class Cache:
                 for digest, when in accessed.items():
                     self._accessed[digest] = max(when, self._accessed.get(digest, when))
 
-    def begin_fill(self, digest: Digest, stall_timeout: float = 30.0) -> Fill:
+    def begin_fill(
+        self, digest: Digest, stall_timeout: float = 30.0, link: Link | None = None
+    ) -> Fill:
+        """Start a download of `digest` for `link`, the pair that may read it at once."""
         if self._state != "open":
             raise StoreClosed(f"cache is {self._state}")
         if digest in self._fills:
@@ -176,6 +237,8 @@ class Cache:
             fd, temp = -1, self.files.tmp / "none"
         fill = Fill(digest, fd, temp, stall_timeout)
         fill.on_passthrough = self._disk_full
+        if link is not None:
+            fill.links.add(link)
         self._fills[digest] = fill
         if fd < 0:
             fill.go_passthrough()
@@ -226,7 +289,14 @@ class Cache:
         except BaseException as exc:
             self.abandon_fill(fill, exc)
             raise
+        # In memory before the fill is forgotten, so its readers' pairs stay linked.
+        key, extra = str(fill.digest), fill.links - {(upstream, repo)}
+        for link in fill.links | {(upstream, repo)}:
+            self._remember(key, link)
         self._forget(fill)
+        with contextlib.suppress(DiskFull):
+            for link in extra:
+                await self.index.add_link(link[0], link[1], key)
         return True
 
     def abandon_fill(self, fill: Fill, error: BaseException) -> None:
@@ -262,12 +332,18 @@ class Cache:
         Returns the rows this call removed from the index: not those that another process
         removed first, so nothing is subtracted or counted twice."""
         await asyncio.to_thread(self._unlink_all, rows)
-        removed = await self.index.remove_blobs([row.digest for row in rows])
+        removed = await self.unindex([row.digest for row in rows])
         for row in removed:
             self._accessed.pop(row.digest, None)
         self._used -= sum(row.size for row in removed)
         self._count -= len(removed)
         return removed
+
+    async def unindex(self, digests: list[str]) -> list[BlobRow]:
+        """Drop these rows and their links, in the index and in memory; return the rows
+        that were there."""
+        self._forget_links(digests)
+        return await self.index.remove_blobs(digests)
 
     def _unlink_all(self, rows: list[BlobRow]) -> None:
         for row in rows:

@@ -4,6 +4,9 @@
     filling right now   stream from the growing temp file (one upstream GET, many readers)
     neither             start a fill owned by the app, then read it like any follower
 
+The first two only for a repository linked to the blob; any other asks upstream first
+(proxy/links.py), and is then served the same file or fill: never a second download.
+
 The download is a task of the app's, not of the request: a client that disconnects does
 not cancel it, and later clients join it. Downloads take their upstream connections from
 a share of the pool (`UpstreamClient.download_slot`), so manifests, tokens and HEADs
@@ -21,8 +24,9 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch, FillFailed, SizeMismatch
 from cache.eviction import Evictor
 from cache.fill import Fill
-from cache.store import Cache, LookupResult, OpenBlob
+from cache.store import Cache, Link, LookupResult, OpenBlob
 from proxy.errors import BlobUnknown, RegistryError, UpstreamBadResponse, UpstreamUnavailable
+from proxy.links import LinkConfirmer
 from proxy.metrics import Metrics
 from proxy.routing import Target
 from proxy.tasks import BackgroundTasks
@@ -49,18 +53,26 @@ class BlobService:
         self.client = client
         self.tasks = tasks
         self.metrics = metrics
+        self.links = LinkConfirmer(cache, client)
 
     async def open(self, target: Target, digest: Digest) -> OpenBlob:
         """A readable blob with a known size. The caller closes it."""
+        confirmed = await self._admit(target, digest)
+        # No await from _admit's last look to here: a blob it found absent is still
+        # absent, so no other repository's file or fill can be served unconfirmed.
         blob = self.cache.open_blob(digest)
         if blob is None:
             # A pass-through download waits for a client that stopped reading no longer
             # than it would wait for upstream to send something.
-            fill = self.cache.begin_fill(digest, stall_timeout=target.upstream.read_timeout)
+            fill = self.cache.begin_fill(
+                digest, stall_timeout=target.upstream.read_timeout, link=_link(target)
+            )
             self.tasks.spawn(self._download(target, fill), name=f"fill {digest}")
             blob = self.cache.open_blob(digest)
             assert blob is not None and blob.fill is fill
             blob.result = "miss"
+        elif confirmed:
+            blob.result = "confirmed"
         if blob.fill is None:
             return blob
         try:
@@ -77,11 +89,12 @@ class BlobService:
     async def size(self, target: Target, digest: Digest) -> tuple[int, LookupResult]:
         """The blob's size for HEAD, and the cache's result: from the cache if it can,
         else from an upstream HEAD."""
+        confirmed = await self._admit(target, digest)
         blob = self.cache.open_blob(digest)
         if blob is not None:
             blob.close()
             if blob.size is not None:
-                return blob.size, blob.result
+                return blob.size, "confirmed" if confirmed else blob.result
         response = await self.client.request(
             target.upstream, "HEAD", f"/v2/{target.repo}/blobs/{digest}", repo=target.repo
         )
@@ -90,6 +103,17 @@ class BlobService:
         if response.content_length is None:
             raise UpstreamUnavailable(f"upstream {target.upstream.name} sent no blob size")
         return response.content_length, "miss"
+
+    async def _admit(self, target: Target, digest: Digest) -> bool:
+        """Whether upstream had to confirm that `target` holds the blob the cache stores
+        (raising if it does not). Returns without awaiting anything after its last look
+        at the cache, so the caller acts on what it saw."""
+        if await self.cache.is_linked(digest, _link(target)):
+            return False
+        if not self.cache.stores(digest):
+            return False  # nothing to serve: the download asks upstream as target anyway
+        await self.links.confirm(target, "blobs", digest, _unknown(target, digest))
+        return True
 
     async def _download(self, target: Target, fill: Fill) -> None:
         digest, upstream = fill.digest, target.upstream
@@ -137,6 +161,10 @@ def _as_registry_error(error: BaseException) -> RegistryError:
     if isinstance(error, RegistryError):
         return error
     return UpstreamBadResponse(f"the download was discarded: {error}")
+
+
+def _link(target: Target) -> Link:
+    return (target.upstream.name, target.repo)
 
 
 def _unknown(target: Target, digest: Digest) -> BlobUnknown:

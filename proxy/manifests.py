@@ -1,7 +1,9 @@
 """Manifest lookups. The rules, in one place:
 
     reference   cached?                          action
-    digest      yes                              serve from the cache; never revalidated
+    digest      yes, linked to this repository   serve from the cache; never revalidated
+    digest      yes, not linked                  HEAD upstream as this repository: 2xx links
+                                                 it and serves the cache (proxy/links.py)
     digest      no                               GET upstream, check the digest, store, serve
     tag         yes, within manifest_ttl         serve from the cache, no upstream request
     tag         yes, older                       HEAD upstream (free against Docker Hub's limit):
@@ -39,6 +41,7 @@ from proxy.errors import (
     UpstreamFailed,
     UpstreamUnavailable,
 )
+from proxy.links import LinkConfirmer
 from proxy.metrics import Metrics
 from proxy.routing import Target
 from proxy.upstream import UpstreamClient
@@ -95,6 +98,7 @@ class ManifestService:
         self.metrics = metrics
         self.clock = clock
         self._fetching: Coalescer[Manifest] = Coalescer()
+        self.links = LinkConfirmer(cache, client)
 
     async def get(self, target: Target, reference: str | Digest, accept: Accept) -> Manifest:
         if isinstance(reference, Digest):
@@ -102,9 +106,9 @@ class ManifestService:
         return await self._by_tag(target, reference, accept)
 
     async def _by_digest(self, target: Target, digest: Digest, accept: Accept) -> Manifest:
-        cached = await self.cache.get_manifest(digest)
+        cached = await self._stored(target, digest, accept)
         if cached is not None:
-            return Manifest(cached[0], cached[1], digest, "hit")
+            return cached
         manifest = await self._fetch(target, str(digest), accept)
         if manifest.digest != digest:
             self.metrics.digest_mismatches.labels("manifest", target.upstream.name).inc()
@@ -113,6 +117,18 @@ class ManifestService:
             )
         await self._store(target, manifest)
         return manifest
+
+    async def _stored(self, target: Target, digest: Digest, accept: Accept) -> Manifest | None:
+        """The stored manifest, if `target` is linked to it or upstream confirms it holds it."""
+        linked = await self.cache.is_linked(digest, (target.upstream.name, target.repo))
+        cached = await self.cache.get_manifest(digest)
+        if cached is None:
+            return None
+        if not linked:
+            unknown = ManifestUnknown(detail={"name": target.name})
+            headers = {"Accept": accept.header}
+            await self.links.confirm(target, "manifests", digest, unknown, headers)
+        return Manifest(cached[0], cached[1], digest, "hit" if linked else "confirmed")
 
     async def _by_tag(self, target: Target, tag: str, accept: Accept) -> Manifest:
         rows = await self.cache.tag_answers(target.upstream.name, target.repo, tag)

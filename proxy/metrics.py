@@ -12,6 +12,7 @@ Hit ratio, by count and by bytes:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 from aiohttp import web
 from prometheus_client import (
@@ -23,7 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from cache.store import Cache
+from cache.store import Cache, LookupResult
 from proxy.breaker import STATES, CircuitBreaker
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -49,7 +50,8 @@ class Metrics:
         self.cache_requests = Counter(
             "pullthrough_cache_requests_total",
             "Cache lookups by kind and upstream: hit, miss, coalesced (joined a download"
-            " in progress) or stale (served because upstream failed)",
+            " in progress), stale (served because upstream failed) or confirmed (served"
+            " from the cache once upstream confirmed this repository holds it)",
             ["kind", "upstream", "result"],
             registry=r,
         )
@@ -136,7 +138,7 @@ class Metrics:
         for upstream in upstreams:
             for kind in ("manifest", "blob"):
                 self.digest_mismatches.labels(kind, upstream)
-                for result in ("hit", "miss", "coalesced", "stale"):
+                for result in get_args(LookupResult):
                     self.cache_requests.labels(kind, upstream, result)
             for error in ("unreachable", "server_error", "rate_limited", "bad_response"):
                 self.upstream_errors.labels(upstream, error)
