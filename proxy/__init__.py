@@ -11,12 +11,14 @@ and `cache` (storage) never imports from `proxy`.
                      errors.py       the OCI error envelope for every error
     lookup rules     manifests.py    by digest / by tag, TTLs, stale-if-error
                      blobs.py        stored / filling / download, one download per blob
+                     links.py        which (upstream, repository) may be served a digest
                      passthrough.py  tag lists and referrers, asked upstream every time
                      routing.py      which upstream and repository a name means
                      references.py   strict parsing of names, tags and digests (ranges.py)
     upstream         upstream.py     requests, redirects, and their bookkeeping (metrics, breaker)
                      upstream_status.py       what an answer means: error, class, outcome
                      upstream_auth.py         challenges, Basic credentials, bearer tokens
+                     credentials.py  docker-credential-* helpers: short-lived credentials
                      upstream_connections.py  TLS, timeouts, the downloads' share of the pool
                      breaker.py      a circuit breaker per upstream; coalesce.py
     storage          cache/          files, fills in progress, the SQLite index, eviction
