@@ -57,7 +57,7 @@ class BlobService:
 
     async def open(self, target: Target, digest: Digest) -> OpenBlob:
         """A readable blob with a known size. The caller closes it."""
-        confirmed = await self._admit(target, digest)
+        admitted = await self._admit(target, digest)
         # No await from _admit's last look to here: a blob it found absent is still
         # absent, so no other repository's file or fill can be served unconfirmed.
         blob = self.cache.open_blob(digest)
@@ -71,8 +71,8 @@ class BlobService:
             blob = self.cache.open_blob(digest)
             assert blob is not None and blob.fill is fill
             blob.result = "miss"
-        elif confirmed:
-            blob.result = "confirmed"
+        elif admitted is not None:
+            blob.result = admitted
         if blob.fill is None:
             return blob
         try:
@@ -89,12 +89,12 @@ class BlobService:
     async def size(self, target: Target, digest: Digest) -> tuple[int, LookupResult]:
         """The blob's size for HEAD, and the cache's result: from the cache if it can,
         else from an upstream HEAD."""
-        confirmed = await self._admit(target, digest)
+        admitted = await self._admit(target, digest)
         blob = self.cache.open_blob(digest)
         if blob is not None:
             blob.close()
             if blob.size is not None:
-                return blob.size, "confirmed" if confirmed else blob.result
+                return blob.size, admitted or blob.result
         response = await self.client.request(
             target.upstream, "HEAD", f"/v2/{target.repo}/blobs/{digest}", repo=target.repo
         )
@@ -104,16 +104,15 @@ class BlobService:
             raise UpstreamUnavailable(f"upstream {target.upstream.name} sent no blob size")
         return response.content_length, "miss"
 
-    async def _admit(self, target: Target, digest: Digest) -> bool:
-        """Whether upstream had to confirm that `target` holds the blob the cache stores
-        (raising if it does not). Returns without awaiting anything after its last look
-        at the cache, so the caller acts on what it saw."""
+    async def _admit(self, target: Target, digest: Digest) -> LookupResult | None:
+        """How upstream admitted `target` to the blob the cache stores (raising if it did
+        not), or None when it had no need to. Returns without awaiting anything after its
+        last look at the cache, so the caller acts on what it saw."""
         if await self.cache.is_linked(digest, _link(target)):
-            return False
+            return None
         if not self.cache.stores(digest):
-            return False  # nothing to serve: the download asks upstream as target anyway
-        await self.links.confirm(target, "blobs", digest, _unknown(target, digest))
-        return True
+            return None  # nothing to serve: the download asks upstream as target anyway
+        return await self.links.confirm(target, "blobs", digest, _unknown(target, digest))
 
     async def _download(self, target: Target, fill: Fill) -> None:
         digest, upstream = fill.digest, target.upstream

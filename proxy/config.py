@@ -353,6 +353,12 @@ def _parse_upstream(
     if username is not None and ":" in username:  # Basic auth could not carry it (RFC 7617)
         raise ConfigError(f"{path}.username", "must not contain ':'")
     helper = _credential_helper(raw, path, username is not None)
+    share = _get(raw, UpstreamConfig, "share_when_down")
+    if not isinstance(share, bool):
+        raise ConfigError(f"{path}.share_when_down", "must be true or false")
+    if share and (username is not None or helper is not None):
+        # Its cache may then hold private content: only upstream may say who sees it.
+        raise ConfigError(f"{path}.share_when_down", "only for an upstream without credentials")
     return UpstreamConfig(
         name=name,
         url=(url or "").rstrip("/"),
@@ -367,6 +373,7 @@ def _parse_upstream(
         deny=_patterns(_get(raw, UpstreamConfig, "deny"), f"{path}.deny"),
         ca_bundle=_readable_file(_get(raw, UpstreamConfig, "ca_bundle"), f"{path}.ca_bundle"),
         insecure=insecure,
+        share_when_down=share,
         **_tunables(raw, path, defaults),
     )
 

@@ -8,7 +8,9 @@ only when that pair is linked to it (`Cache.is_linked`).
                                     404         BLOB_UNKNOWN / MANIFEST_UNKNOWN
                                     401, 403    DENIED
                                     no answer   UNAVAILABLE (503): an unlinked pair is
-                                                never served from the cache
+                                                never served from the cache, unless the
+                                                upstream has no credentials and says
+                                                `share_when_down` (its content is public)
     not stored                    the download asks upstream itself, as that repository
 
 So a layer pulled with the mirror's credentials from one private repository is served to
@@ -21,9 +23,9 @@ from collections.abc import Mapping
 from typing import Literal
 
 from cache.digests import Digest
-from cache.store import Cache
+from cache.store import Cache, LookupResult
 from proxy.coalesce import Coalescer
-from proxy.errors import Denied, RegistryError, Unauthorized
+from proxy.errors import Denied, RegistryError, Unauthorized, UpstreamFailed
 from proxy.routing import Target
 from proxy.upstream import UpstreamClient
 
@@ -34,7 +36,7 @@ class LinkConfirmer:
     def __init__(self, cache: Cache, client: UpstreamClient) -> None:
         self.cache = cache
         self.client = client
-        self._confirming: Coalescer[None] = Coalescer()
+        self._confirming: Coalescer[LookupResult] = Coalescer()
 
     async def confirm(
         self,
@@ -43,10 +45,12 @@ class LinkConfirmer:
         digest: Digest,
         not_found: RegistryError,
         headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Link `target`'s pair to `digest` if upstream holds it there; raise otherwise."""
+    ) -> LookupResult:
+        """Link `target`'s pair to `digest` if upstream holds it there ("confirmed"), or
+        serve it unlinked while a `share_when_down` upstream is down ("stale"); raise
+        otherwise."""
         key = (target.upstream.name, target.repo, kind, str(digest))
-        await self._confirming.run(
+        return await self._confirming.run(
             key, lambda: self._confirm_once(target, kind, digest, not_found, headers)
         )
 
@@ -57,7 +61,7 @@ class LinkConfirmer:
         digest: Digest,
         not_found: RegistryError,
         headers: Mapping[str, str] | None,
-    ) -> None:
+    ) -> LookupResult:
         upstream = target.upstream
         try:
             response = await self.client.request(
@@ -72,4 +76,9 @@ class LinkConfirmer:
         except Unauthorized:
             # Refused as this repository: the stored copy belongs to another one.
             raise Denied(f"upstream {upstream.name} denied access to {target.name}") from None
+        except UpstreamFailed:
+            if not upstream.share_when_down:
+                raise
+            return "stale"  # not linked: upstream is asked again next time
         await self.cache.link(digest, (upstream.name, target.repo))
+        return "confirmed"

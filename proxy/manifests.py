@@ -124,11 +124,12 @@ class ManifestService:
         cached = await self.cache.get_manifest(digest)
         if cached is None:
             return None
+        result: LookupResult = "hit"
         if not linked:
             unknown = ManifestUnknown(detail={"name": target.name})
             headers = {"Accept": accept.header}
-            await self.links.confirm(target, "manifests", digest, unknown, headers)
-        return Manifest(cached[0], cached[1], digest, "hit" if linked else "confirmed")
+            result = await self.links.confirm(target, "manifests", digest, unknown, headers)
+        return Manifest(cached[0], cached[1], digest, result)
 
     async def _by_tag(self, target: Target, tag: str, accept: Accept) -> Manifest:
         rows = await self.cache.tag_answers(target.upstream.name, target.repo, tag)

@@ -82,6 +82,13 @@ class UpstreamConfig:
     insecure: bool = field(
         default=False, metadata=_help("skip TLS verification of this upstream (warned at start)")
     )
+    share_when_down: bool = field(
+        default=False,
+        metadata=_help(
+            "while upstream is down, serve cached content to any of its repositories"
+            " (only for an upstream without credentials)"
+        ),
+    )
 
     @property
     def is_docker_hub(self) -> bool:

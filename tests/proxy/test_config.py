@@ -81,6 +81,11 @@ def test_the_shipped_mirror_yaml_parses() -> None:
         ),
         (
             "upstreams: [{name: a.io, url: https://a.io, username: u, password: p,"
+            " share_when_down: true}]",
+            "upstreams[0].share_when_down: only for an upstream without credentials",
+        ),
+        (
+            "upstreams: [{name: a.io, url: https://a.io, username: u, password: p,"
             " credential_helper: ecr-login}]",
             "upstreams[0].credential_helper: cannot be combined with username and password",
         ),

@@ -139,6 +139,29 @@ async def test_upstream_down_serves_linked_pairs_only(make_mirror: MakeMirror) -
         assert layer not in body and manifest not in body
 
 
+async def test_share_when_down_serves_a_public_upstreams_content_to_any_repository(
+    make_mirror: MakeMirror,
+) -> None:
+    """An upstream without credentials only ever gave the mirror public content: with
+    `share_when_down`, an outage serves it to any repository, counted as stale, unlinked."""
+    async with FakeUpstream() as upstream:
+        mirror = await make_mirror(
+            [{"name": "docker.io", "url": upstream.url, "default": True, "share_when_down": True}]
+        )
+        layer = os.urandom(5000)
+        blob = await cached_blob(mirror, upstream, layer)
+        manifest = manifest_bytes()
+        digest = await cached_manifest(mirror, upstream, manifest)
+        # Up, upstream still decides: a repository it doesn't hold the blob in gets 404.
+        assert (await answer(mirror, f"/v2/nothere/blobs/{blob}"))[:2] == (404, "BLOB_UNKNOWN")
+
+    assert await answer(mirror, f"/v2/{OTHER}/blobs/{blob}") == (200, None, layer)
+    assert await answer(mirror, f"/v2/{OTHER}/manifests/{digest}") == (200, None, manifest)
+    stale = 'pullthrough_cache_requests_total{kind="blob",result="stale",upstream="docker.io"}'
+    assert await mirror.metric(stale) == 1
+    assert await confirmations(mirror, "blob") == 0
+
+
 def manifest_bytes() -> bytes:
     doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "annotations": {"n": os.urandom(4).hex()}}
     return json.dumps(doc).encode()
