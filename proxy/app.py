@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -49,6 +50,8 @@ from proxy.upstream import UpstreamClient
 from proxy.upstream_auth import TokenCache
 from proxy.warm import Warmer, warm_all
 
+log = logging.getLogger("pullthrough")
+
 NAME = r"{name:[^{}]+?}"
 
 
@@ -73,6 +76,9 @@ def make_app(
     metrics.prepare([upstream.name for upstream in config.upstreams])
     app.on_response_prepare.append(_api_version_header)
     app.on_response_prepare.append(add_request_id)
+    app[handlers.SHUTTING_DOWN] = asyncio.Event()
+    if serving:
+        app.on_shutdown.append(_shutting_down)
     app.cleanup_ctx.append(_sender)
     app.cleanup_ctx.append(lambda app: _cache(app, clock, serving))
     app.cleanup_ctx.append(lambda app: _upstream(app, clock))
@@ -107,6 +113,14 @@ def _add_routes(app: web.Application) -> None:
             reads_only.add_route(method, handlers.unsupported)
     resource(f"/v2/{NAME}/tags/list", "tags").add_route("GET", handlers.tags)
     resource(f"/v2/{NAME}/referrers/{{digest}}", "referrers").add_route("GET", handlers.referrers)
+
+
+async def _shutting_down(app: web.Application) -> None:
+    """on_shutdown: the first hook aiohttp runs once it has closed the listening sockets
+    and asked every connection to close after its current response."""
+    app[handlers.SHUTTING_DOWN].set()
+    grace = app[CONFIG].shutdown_grace
+    log.info("shutting down: /readyz answers 503; responses in flight get %gs to finish", grace)
 
 
 async def _api_version_header(request: web.Request, response: web.StreamResponse) -> None:

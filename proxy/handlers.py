@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
@@ -14,6 +15,10 @@ from proxy.observe import note_lookup
 from proxy.references import parse_digest, parse_reference
 from proxy.responses import send_blob
 from proxy.routing import Target, client_name, resolve
+
+# Set when shutdown begins (`proxy.app`): from then on /readyz answers 503, so that a
+# balancer sends no new work while the responses in flight finish.
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 
 
 def _target(request: web.Request) -> Target:
@@ -28,6 +33,18 @@ def _headers(target: Target) -> dict[str, str]:
     return {"OCI-Namespace": target.namespace} if target.namespace else {}
 
 
+# Content by digest never changes, so any HTTP cache or CDN in front may keep it for good.
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def _cache_control(fresh_for: float | None) -> str:
+    """A tag's answer may be kept as long as we would serve it without asking upstream."""
+    if fresh_for is None:
+        return IMMUTABLE
+    seconds = int(fresh_for)
+    return f"max-age={seconds}" if seconds > 0 else "no-cache"
+
+
 async def metrics(request: web.Request) -> web.Response:
     return metrics_response(request.app[METRICS])
 
@@ -38,8 +55,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The index answers and the cache directory takes writes."""
+    """Not shutting down, the index answers and the cache directory takes writes."""
     problem = await request.app[CACHE].readiness_problem()
+    if request.app[SHUTTING_DOWN].is_set():  # checked last: it may be set while we waited
+        problem = "shutting down"
     if problem:
         return web.json_response({"status": "not ready", "reason": problem}, status=503)
     return web.json_response({"status": "ready"})
@@ -58,6 +77,7 @@ async def manifest(request: web.Request) -> web.Response:
     headers = _headers(target) | {
         "Docker-Content-Digest": str(found.digest),
         "ETag": f'"{found.digest}"',
+        "Cache-Control": _cache_control(found.fresh_for),
     }
     headers["Content-Type"] = found.media_type
     return web.Response(body=found.data, headers=headers)
@@ -67,7 +87,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     target = _target(request)
     digest = parse_digest(request.match_info["digest"])
     blobs = request.app[BLOBS]
-    headers = _headers(target) | {"Docker-Content-Digest": str(digest)}
+    headers = _headers(target) | {"Docker-Content-Digest": str(digest), "Cache-Control": IMMUTABLE}
     if request.method == "HEAD":
         size, result = await blobs.size(target, digest)
         note_lookup(request, "blob", target.upstream.name, result)

@@ -65,6 +65,9 @@ class Manifest:
     media_type: str
     digest: Digest
     result: LookupResult = "miss"
+    # Seconds a tag's answer stays fresh (what is left of its manifest_ttl); None for a
+    # manifest by digest, which never changes.
+    fresh_for: float | None = None
 
 
 class Accept:
@@ -135,21 +138,24 @@ class ManifestService:
         rows = await self.cache.tag_answers(target.upstream.name, target.repo, tag)
         answer = next((row for row in rows if row.accept == accept.key), None)
         hit = await self._cached(answer) if answer else None
+        ttl = target.upstream.manifest_ttl
         try:
             if answer is None or hit is None:
-                return await self._fetch_tag(target, tag, accept)
-            if self.clock() - answer.checked < target.upstream.manifest_ttl:
-                return hit
+                fetched = await self._fetch_tag(target, tag, accept)
+                return replace(fetched, fresh_for=ttl)
+            age = self.clock() - answer.checked
+            if age < ttl:
+                return replace(hit, fresh_for=ttl - age)
             if await self._head(target, tag, accept) == hit.digest:
                 await self._remember(target, tag, accept, hit)
-                return hit
-            return await self._fetch_tag(target, tag, accept)
+                return replace(hit, fresh_for=ttl)
+            return replace(await self._fetch_tag(target, tag, accept), fresh_for=ttl)
         except UpstreamFailed as exc:
             stale = hit or await self._newest_accepted(rows, accept)
             if stale is None:
                 raise
             log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
-            return replace(stale, result="stale")
+            return replace(stale, result="stale", fresh_for=0.0)  # already due
 
     async def _cached(self, row: TagRow) -> Manifest | None:
         digest = Digest.parse(row.digest)

@@ -1,0 +1,156 @@
+"""The mirror behind a load balancer, a CDN or an HTTP cache: /readyz during shutdown, and
+how long its answers may be kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fake_upstream.server import FakeUpstream, Fault
+from tests.mirror import MakeMirror, Mirror
+from tests.mirror_process import mirror_processes
+
+REPO = "library/app"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+IMMUTABLE = "public, max-age=31536000, immutable"
+Request = Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]]
+
+
+async def mirror_for(
+    make_mirror: MakeMirror, upstream: FakeUpstream, ttl: float = 60, **raw: Any
+) -> Mirror:
+    upstreams = [{"name": "docker.io", "url": upstream.url, "default": True, "manifest_ttl": ttl}]
+    return await make_mirror(upstreams, **raw)
+
+
+async def test_readyz_answers_503_once_shutdown_has_begun(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    async with mirror.get("/readyz") as response:
+        assert response.status == 200
+    await mirror.app.shutdown()  # what aiohttp runs on SIGTERM, once its sites are stopped
+    async with mirror.get("/readyz") as response:
+        body = await response.json()
+        assert (response.status, body) == (503, {"status": "not ready", "reason": "shutting down"})
+    async with mirror.get("/healthz") as response:
+        assert response.status == 200  # alive all the same: nothing should restart it
+
+
+async def test_sigterm_turns_readyz_at_once_while_a_download_finishes(
+    fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """On SIGTERM aiohttp first closes the listening socket and asks every connection to
+    close after its current response (idle keep-alive connections close at once), then
+    runs on_shutdown, which turns /readyz to 503. So no new request can reach /readyz
+    once shutdown has begun: a balancer's check sees a refused connection, and one that
+    was already on its way sees the 503 (the in-process test above shows that answer).
+
+    What a real process lets us observe is the order: the shutdown is announced (readyz
+    503) at once, while a slow download is still far from done, no new connection is
+    accepted, and the download then finishes whole within shutdown_grace.
+    """
+    data = os.urandom(1_500_000)
+    digest = fake_upstream.add_blob(REPO, data)
+    fake_upstream.set_fault(digest, Fault(chunk_size=65_536, delay=0.05))  # ~1.2 s in all
+    log = tmp_path / "mirror.log"
+    async with mirror_processes(tmp_path, fake_upstream.url, "shutdown_grace: 10s\n") as make:
+        mirror = make()
+        await mirror.start()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{mirror.url}/v2/app/blobs/{digest}") as response,
+        ):
+            first = await response.content.readexactly(65_536)
+            assert mirror.process is not None
+            mirror.process.send_signal(15)
+            async with asyncio.timeout(5):
+                while "/readyz answers 503" not in log.read_text():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{digest}") == 1
+            assert mirror.process.returncode is None  # still serving the download
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with session.get(
+                    f"{mirror.url}/readyz", timeout=aiohttp.ClientTimeout(total=2)
+                ):
+                    pass
+            assert first + await response.read() == data
+        assert await mirror.process.wait() == 0
+
+
+async def test_content_by_digest_may_be_kept_for_good(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    blob = fake_upstream.add_blob(REPO, os.urandom(10_000))
+    manifest = fake_upstream.add_manifest(REPO, "v1", b'{"schemaVersion": 2}', OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    for path in (f"/v2/app/blobs/{blob}", f"/v2/app/manifests/{manifest}"):
+        for request in (mirror.get, mirror.head):
+            async with request(path) as response:
+                assert response.status == 200, path
+                assert response.headers["Cache-Control"] == IMMUTABLE
+    async with mirror.get(f"/v2/app/blobs/{blob}", headers={"Range": "bytes=0-9"}) as response:
+        assert (response.status, response.headers["Cache-Control"]) == (206, IMMUTABLE)
+
+
+async def cache_control(mirror: Mirror, method: str, path: str) -> str:
+    request = mirror.get if method == "GET" else mirror.head
+    async with request(path, headers={"Accept": OCI_MANIFEST}) as response:
+        assert response.status == 200
+        return response.headers["Cache-Control"]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_tag_may_be_kept_for_what_is_left_of_its_ttl(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, method: str
+) -> None:
+    fake_upstream.add_manifest(REPO, "v1", b'{"schemaVersion": 2}', OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream, ttl=60)
+    path = "/v2/app/manifests/v1"
+    assert await cache_control(mirror, method, path) == "max-age=60"  # just fetched
+    mirror.clock.advance(45)
+    assert await cache_control(mirror, method, path) == "max-age=15"  # cached, 15 s left
+    mirror.clock.advance(20)
+    assert await cache_control(mirror, method, path) == "max-age=60"  # upstream re-asked
+    # Upstream fails: the stale answer is served, and is due already.
+    fake_upstream.set_fault("v1", Fault(status=503, methods=("GET", "HEAD")))
+    mirror.clock.advance(61)
+    assert await cache_control(mirror, method, path) == "no-cache"
+
+
+async def test_a_tag_with_no_ttl_is_never_kept(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    fake_upstream.add_manifest(REPO, "v1", b'{"schemaVersion": 2}', OCI_MANIFEST)
+    mirror = await mirror_for(make_mirror, fake_upstream, ttl=0)
+    for method in ("GET", "HEAD"):
+        assert await cache_control(mirror, method, "/v2/app/manifests/v1") == "no-cache"
+
+
+async def test_errors_carry_no_cache_control(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror
+) -> None:
+    blob = fake_upstream.add_blob(REPO, os.urandom(100))
+    mirror = await mirror_for(make_mirror, fake_upstream)
+    missing = "sha256:" + "0" * 64
+    answers: list[tuple[Request, str, dict[str, str], int]] = [
+        (request, path, {}, 404)
+        for request in (mirror.get, mirror.head)
+        for path in (
+            "/v2/app/manifests/nope",
+            f"/v2/app/manifests/{missing}",
+            f"/v2/app/blobs/{missing}",
+        )
+    ]
+    answers.append((mirror.get, f"/v2/app/blobs/{blob}", {"Range": "bytes=500-600"}, 416))
+    for request, path, headers, status in answers:
+        async with request(path, headers=headers) as response:
+            assert response.status == status, path
+            assert "Cache-Control" not in response.headers, path
