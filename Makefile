@@ -22,8 +22,8 @@ install: $(STAMP) ## create .venv and install pullthrough with its test tools
 # The real upstream (docker-registry) and the real clients the end-to-end tests run:
 # skopeo, containerd (ctr), podman and dockerd; promtool and systemd-analyze check deploy/.
 # Each is installed only when missing.
-SYSTEM_COMMANDS := docker-registry skopeo containerd ctr podman dockerd promtool systemd-analyze
-SYSTEM_PACKAGES := docker-registry skopeo containerd podman docker.io prometheus systemd
+SYSTEM_COMMANDS := docker-registry skopeo containerd ctr podman dockerd promtool systemd-analyze haproxy
+SYSTEM_PACKAGES := docker-registry skopeo containerd podman docker.io prometheus systemd haproxy
 
 system-deps: ## install Debian's docker-registry and the real clients when missing
 	@missing=0; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \

@@ -5,9 +5,10 @@ test suite). What can be checked without them is checked: YAML and JSON parse; K
 objects are well formed and refer to each other correctly; compose's bind mounts exist;
 every PromQL expression names only metrics pullthrough exports and is accepted by promtool;
 the alert rules fire when they should (promtool unit tests); the systemd unit passes
-`systemd-analyze verify`; the Dockerfile runs as non-root with a health check and a volume.
+`systemd-analyze verify`; the Dockerfile runs as non-root with a health check and a volume;
+`haproxy -c` (and `nginx -t`, where nginx is installed) accept the fleet's balancer configs.
 
-promtool (Debian's `prometheus` package) and systemd-analyze (`systemd`) are required:
+promtool (Debian's `prometheus` package), systemd-analyze (`systemd`) and haproxy are required:
 `make system-deps` installs them. A missing tool fails the test rather than skipping it,
 so a green run always means the files were checked.
 """
@@ -27,12 +28,15 @@ import pytest
 import yaml
 
 from proxy.config import Config, parse_config
+from tests.e2e.fleet import HAPROXY_CFG as FLEET_HAPROXY
+from tests.e2e.fleet import haproxy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
+FLEET_NGINX = DEPLOY / "fleet" / "nginx.conf"
 DASHBOARD = GRAFANA / "pullthrough.json"
 UNIT = DEPLOY / "systemd" / "pullthrough.service"
 ALERT_UNIT_TESTS = Path(__file__).with_name("alerts_test.yml")
@@ -805,3 +809,64 @@ def test_dockerfile_copies_existing_files() -> None:
             continue
         for source in [w for w in words[:-1] if not w.startswith("--")]:
             assert (ROOT / source).exists(), f"COPY {source}: not in the build context"
+
+
+# ---- fleet (HAProxy, nginx) -------------------------------------------------------------------
+
+
+def test_fleet_haproxy_config_is_valid(tmp_path: Path) -> None:
+    """`haproxy -c` accepts the shipped config as it is, and with real addresses without a
+    single warning (as shipped, only the placeholder names' failed lookups warn)."""
+    haproxy = require_tool("haproxy", "haproxy")
+    shipped = run(haproxy, "-c", "-f", FLEET_HAPROXY)
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    servers = [f"127.0.0.1:{5000 + i}" for i in range(3)]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(haproxy_config(servers, port=5000, stats_port=8404))
+    result = run(haproxy, "-c", "-f", config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "[WARNING]" not in output and "[ALERT]" not in output, output
+
+
+def test_fleet_haproxy_routes_by_the_documented_key() -> None:
+    text = FLEET_HAPROXY.read_text(encoding="utf-8")
+    lines = {line.strip() for line in text.splitlines()}
+    assert {
+        "acl by_digest path_reg /sha256:[0-9a-f]{64}$",
+        "http-request set-var(txn.key) path,field(-1,/) if by_digest",
+        "http-request set-var(txn.key) url_param(ns),concat(,txn.key) if has_ns",
+        "balance hash var(txn.key)",
+        "hash-type consistent",
+        "option redispatch 1",
+        "http-check send meth GET uri /readyz",
+    } <= lines
+    (retry_on,) = [line.split()[1:] for line in lines if line.startswith("retry-on ")]
+    assert "conn-failure" in retry_on
+
+
+def test_fleet_nginx_config_is_valid(tmp_path: Path) -> None:
+    """`nginx -t` on the shipped config with the placeholder replicas on 127.0.0.1 (nginx
+    refuses names it cannot resolve). nginx is installed for the benchmark, not by
+    `make system-deps`, so this check is skipped where it is missing."""
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        pytest.skip("nginx is not installed (`make bench-deps` installs it)")
+    text = FLEET_NGINX.read_text(encoding="utf-8")
+    text, servers = re.subn(r"server pullthrough-(\d):5000", r"server 127.0.0.1:500\1", text)
+    assert servers == 3
+    config = tmp_path / "nginx.conf"
+    config.write_text(text)
+    pid = f"pid {tmp_path / 'nginx.pid'};"
+    result = run(nginx, "-t", "-p", tmp_path, "-c", config, "-e", "stderr", "-g", pid)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_fleet_nginx_routes_by_the_documented_key() -> None:
+    lines = {line.strip() for line in FLEET_NGINX.read_text(encoding="utf-8").splitlines()}
+    assert {
+        '"~/(sha256:[0-9a-f]{64})$" $1;',
+        '"" "$arg_ns$uri";',
+        "default $pullthrough_digest;",
+        "hash $pullthrough_key consistent;",
+    } <= lines
