@@ -66,7 +66,8 @@ def make_app(
     quiet_protocol_errors()
     warn_insecure(config)
     metrics = Metrics()
-    middlewares = [observe_middleware(metrics, config.log.format == "json"), error_middleware]
+    observe = observe_middleware(metrics, config.log.format == "json", config.trusted_proxies)
+    middlewares = [observe, error_middleware]
     logins = authenticator(config.auth)
     if logins is not None:
         middlewares.append(logins.middleware(protect_metrics=config.auth.metrics))

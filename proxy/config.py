@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -162,7 +163,27 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         upstream_connections=_count(
             _get(raw, Config, "upstream_connections"), "upstream_connections"
         ),
+        trusted_proxies=_networks(_get(raw, Config, "trusted_proxies"), "trusted_proxies"),
     )
+
+
+def _networks(value: Any, path: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """CIDRs such as `10.0.0.0/8`; a bare address is a /32 (or /128). Host bits set
+    (`10.0.0.1/8`) are refused: such a typo would trust more than was meant."""
+    if value is None:  # `trusted_proxies:` with nothing after it
+        return ()
+    # A tuple is the dataclass default; YAML gives lists.
+    if not isinstance(value, list | tuple):
+        raise ConfigError(path, "must be a list of CIDRs such as [10.0.0.0/8]")
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            networks.append(ip_network(item if isinstance(item, str) else ""))
+        except ValueError:
+            raise ConfigError(
+                f"{path}[{i}]", f"{item!r} is not a CIDR such as 10.0.0.0/8"
+            ) from None
+    return tuple(networks)
 
 
 def _count(value: Any, path: str) -> int:

@@ -8,6 +8,11 @@ An access-log line (text, or one JSON object per line with `log.format: json`):
     7f3a9c2e41d05b88 10.0.0.7 "GET /v2/library/alpine/blobs/sha256:…" 200 3402 12.4ms
         upstream=docker.io cache=HIT
 
+The client address is the TCP peer's, unless the peer is one of `trusted_proxies`: then
+it is the right-most address of `Forwarded: for=` (RFC 7239) or, without that header,
+`X-Forwarded-For` that is not itself a trusted proxy. Headers from any other peer are
+ignored, since a client can write whatever it likes into them.
+
 Paths are logged without their query string except `ns`: queries are the one place a
 client could put something secret, and nothing else in them matters for operations.
 """
@@ -19,7 +24,9 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -31,6 +38,10 @@ from proxy.metrics import Metrics
 access_log = logging.getLogger("pullthrough.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# One `for=` of a Forwarded element: a token, or a quoted string such as "[2001:db8::1]:80".
+_FORWARDED_FOR = re.compile(r'(?:^|[;,])\s*for\s*=\s*("[^"]*"|[^;,\s]+)', re.IGNORECASE)
+
+Networks = Sequence[IPv4Network | IPv6Network]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +67,47 @@ def route_kind(request: web.Request) -> str:
     return resource.name if resource is not None and resource.name else "other"
 
 
-def observe_middleware(metrics: Metrics, json_lines: bool) -> Middleware:
+def client_address(request: web.Request, trusted: Networks) -> str:
+    """Who the request came from, as the access log names them (see the module docstring)."""
+    peer = request.remote or "-"
+    if not _is_trusted(_address(peer), trusted):
+        return peer
+    if forwarded := request.headers.getall("Forwarded", []):
+        hops = [m[1].strip('"') for m in _FORWARDED_FOR.finditer(",".join(forwarded))]
+    else:
+        listed = ",".join(request.headers.getall("X-Forwarded-For", []))
+        hops = [hop.strip() for hop in listed.split(",")]
+    addresses = [_address(hop) for hop in hops if hop]
+    for address in reversed(addresses):
+        if not _is_trusted(address, trusted):
+            # Not an address (`unknown`, an obfuscated name, garbage): never logged as given.
+            return str(address) if address is not None else "unknown"
+    # Every hop is a trusted proxy: the first of them is as near the client as we can see.
+    return str(addresses[0]) if addresses else peer
+
+
+def _address(text: str) -> IPv4Address | IPv6Address | None:
+    """An address as written in a header: `1.2.3.4`, `1.2.3.4:80`, `[::1]:80` or `::1`;
+    None for `unknown`, an obfuscated `_name` or garbage."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_trusted(address: IPv4Address | IPv6Address | None, trusted: Networks) -> bool:
+    if address is None:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)
+
+
+def observe_middleware(metrics: Metrics, json_lines: bool, trusted: Networks = ()) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -73,7 +124,8 @@ def observe_middleware(metrics: Metrics, json_lines: bool) -> Middleware:
             # that went away (or a shutdown), logged as 499.
             elapsed = time.perf_counter() - started
             _record(metrics, request, status, sent, elapsed)
-            _log(request, request_id, status, sent, elapsed, json_lines)
+            client = client_address(request, trusted)
+            _log(request, request_id, client, status, sent, elapsed, json_lines)
 
     return observe
 
@@ -109,6 +161,7 @@ def _record(metrics: Metrics, request: web.Request, status: int, sent: int, elap
 def _log(
     request: web.Request,
     request_id: str,
+    client: str,
     status: int,
     sent: int,
     elapsed: float,
@@ -121,7 +174,7 @@ def _log(
     path = request.path + (f"?ns={ns}" if ns else "")
     fields = {
         "request_id": request_id,
-        "client": request.remote or "-",
+        "client": client,
         "method": request.method,
         "path": path,
         "status": status,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,12 @@ class Config:
     upstream_connections: int = field(
         default=32, metadata=_help("concurrent connections to each upstream host")
     )
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = field(
+        default=(),
+        metadata=_help(
+            "CIDRs of proxies whose X-Forwarded-For / Forwarded give the logged client address"
+        ),
+    )
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         for upstream in self.upstreams:
@@ -187,7 +194,7 @@ def effective(config: Config) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if isinstance(value, Secret):
             return "***"
-        if isinstance(value, Path):
+        if isinstance(value, Path | IPv4Network | IPv6Network):
             return str(value)
         if isinstance(value, frozenset):
             return sorted(value)

@@ -1,9 +1,11 @@
-"""The mirror behind a load balancer, a CDN or an HTTP cache: /readyz during shutdown, and
-how long its answers may be kept."""
+"""The mirror behind a load balancer, a CDN or an HTTP cache: the client address it logs,
+/readyz during shutdown, and how long its answers may be kept."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -28,6 +30,65 @@ async def mirror_for(
 ) -> Mirror:
     upstreams = [{"name": "docker.io", "url": upstream.url, "default": True, "manifest_ttl": ttl}]
     return await make_mirror(upstreams, **raw)
+
+
+async def logged_client(
+    mirror: Mirror, caplog: pytest.LogCaptureFixture, headers: dict[str, str]
+) -> str:
+    """The client address of the access-log line of one request to /v2/ with `headers`."""
+    caplog.clear()
+    async with mirror.get("/v2/", headers=headers) as response:
+        assert response.status == 200
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "pullthrough.access"]
+    return str(json.loads(line)["client"])
+
+
+# The in-process mirror is reached from 127.0.0.1: that is the peer every request has.
+@pytest.mark.parametrize(
+    ("headers", "client"),
+    [
+        ({}, "127.0.0.1"),
+        # The left-most entries are whatever the client wrote; the right-most address that
+        # no trusted proxy wrote for itself is the one the first trusted proxy saw.
+        ({"X-Forwarded-For": "198.51.100.1, 203.0.113.9, 10.1.2.3"}, "203.0.113.9"),
+        ({"X-Forwarded-For": "203.0.113.9"}, "203.0.113.9"),
+        ({"X-Forwarded-For": "10.1.2.3, 10.4.5.6"}, "10.1.2.3"),  # all trusted: the first
+        ({"Forwarded": 'for=198.51.100.1, for="[2001:db8::7]:4711";proto=https'}, "2001:db8::7"),
+        (
+            {"Forwarded": "for=203.0.113.9:80, for=10.1.2.3", "X-Forwarded-For": "1.1.1.1"},
+            "203.0.113.9",
+        ),
+        ({"X-Forwarded-For": '"><script>, 10.1.2.3'}, "unknown"),  # never logged as written
+    ],
+)
+async def test_a_trusted_proxy_names_the_client(
+    fake_upstream: FakeUpstream,
+    make_mirror: MakeMirror,
+    caplog: pytest.LogCaptureFixture,
+    headers: dict[str, str],
+    client: str,
+) -> None:
+    trusted = ["127.0.0.0/8", "10.0.0.0/8"]
+    mirror = await mirror_for(
+        make_mirror, fake_upstream, trusted_proxies=trusted, log={"format": "json"}
+    )
+    caplog.set_level(logging.INFO, logger="pullthrough.access")
+    assert await logged_client(mirror, caplog, headers) == client
+
+
+@pytest.mark.parametrize("trusted", [[], ["10.0.0.0/8"]])
+async def test_forwarding_headers_from_an_untrusted_peer_are_ignored(
+    fake_upstream: FakeUpstream,
+    make_mirror: MakeMirror,
+    caplog: pytest.LogCaptureFixture,
+    trusted: list[str],
+) -> None:
+    mirror = await mirror_for(
+        make_mirror, fake_upstream, trusted_proxies=trusted, log={"format": "json"}
+    )
+    caplog.set_level(logging.INFO, logger="pullthrough.access")
+    spoofed = {"X-Forwarded-For": "203.0.113.9", "Forwarded": "for=198.51.100.1"}
+    assert await logged_client(mirror, caplog, spoofed) == "127.0.0.1"
 
 
 async def test_readyz_answers_503_once_shutdown_has_begun(

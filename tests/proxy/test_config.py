@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import ConfigError, Secret, load_config, parse_config
+from proxy.config import ConfigError, Secret, effective, load_config, parse_config
 from proxy.settings import (
     AuthConfig,
     CacheConfig,
@@ -116,6 +116,12 @@ def test_the_shipped_mirror_yaml_parses() -> None:
         ),
         ("cache: {blob_ttl: forever}\n" + MINIMAL, "cache.blob_ttl: must be a duration"),
         ("{{{", "not valid YAML at line 1"),
+        ("trusted_proxies: 10.0.0.0/8\n" + MINIMAL, "trusted_proxies: must be a list of CIDRs"),
+        (
+            "trusted_proxies: [10.0.0.0/8, 10.0.0.1/8]\n" + MINIMAL,
+            "trusted_proxies[1]: '10.0.0.1/8' is not a CIDR",
+        ),
+        ("trusted_proxies: [proxy.lan]\n" + MINIMAL, "trusted_proxies[0]: 'proxy.lan' is not"),
     ],
 )
 def test_errors_name_the_yaml_path(tmp_path: Path, text: str, message: str) -> None:
@@ -164,6 +170,18 @@ def test_environment_overrides(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL), env=env)
     assert (config.listen_host, config.listen_port) == ("127.0.0.1", 6000)
     assert config.cache.path == Path("/srv/cache")
+
+
+def test_trusted_proxies_are_networks_and_print_as_cidrs(tmp_path: Path) -> None:
+    text = "trusted_proxies: [10.0.0.0/8, '2001:db8::/32', 192.168.1.7]\n" + MINIMAL
+    config = load_config(write(tmp_path, text), env={})
+    assert [str(n) for n in config.trusted_proxies] == [
+        "10.0.0.0/8",
+        "2001:db8::/32",
+        "192.168.1.7/32",
+    ]
+    assert effective(config)["trusted_proxies"] == ["10.0.0.0/8", "2001:db8::/32", "192.168.1.7/32"]
+    assert load_config(write(tmp_path, MINIMAL), env={}).trusted_proxies == ()
 
 
 async def run(*argv: str, cwd: Path) -> tuple[int | None, str]:
