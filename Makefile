@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install pullthrough with its test tools
 
 # The real upstream (docker-registry) and the real clients the end-to-end tests run:
-# skopeo, containerd (ctr), podman and dockerd; promtool and systemd-analyze check deploy/.
+# skopeo, containerd (ctr), podman and dockerd; promtool, systemd-analyze, haproxy and nginx
+# check deploy/ (haproxy also fronts the fleet test).
 # Each is installed only when missing.
-SYSTEM_COMMANDS := docker-registry skopeo containerd ctr podman dockerd promtool systemd-analyze haproxy
-SYSTEM_PACKAGES := docker-registry skopeo containerd podman docker.io prometheus systemd haproxy
+SYSTEM_COMMANDS := docker-registry skopeo containerd ctr podman dockerd promtool systemd-analyze haproxy nginx
+SYSTEM_PACKAGES := docker-registry skopeo containerd podman docker.io prometheus systemd haproxy nginx
 
 system-deps: ## install Debian's docker-registry and the real clients when missing
 	@missing=0; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \

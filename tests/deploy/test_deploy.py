@@ -6,9 +6,10 @@ objects are well formed and refer to each other correctly; compose's bind mounts
 every PromQL expression names only metrics pullthrough exports and is accepted by promtool;
 the alert rules fire when they should (promtool unit tests); the systemd unit passes
 `systemd-analyze verify`; the Dockerfile runs as non-root with a health check and a volume;
-`haproxy -c` (and `nginx -t`, where nginx is installed) accept the fleet's balancer configs.
+`haproxy -c` and `nginx -t` accept the fleet's balancer configs.
 
-promtool (Debian's `prometheus` package), systemd-analyze (`systemd`) and haproxy are required:
+promtool (Debian's `prometheus` package), systemd-analyze (`systemd`), haproxy and nginx are
+required:
 `make system-deps` installs them. A missing tool fails the test rather than skipping it,
 so a green run always means the files were checked.
 """
@@ -847,11 +848,8 @@ def test_fleet_haproxy_routes_by_the_documented_key() -> None:
 
 def test_fleet_nginx_config_is_valid(tmp_path: Path) -> None:
     """`nginx -t` on the shipped config with the placeholder replicas on 127.0.0.1 (nginx
-    refuses names it cannot resolve). nginx is installed for the benchmark, not by
-    `make system-deps`, so this check is skipped where it is missing."""
-    nginx = shutil.which("nginx")
-    if nginx is None:
-        pytest.skip("nginx is not installed (`make bench-deps` installs it)")
+    refuses names it cannot resolve)."""
+    nginx = require_tool("nginx", "nginx")
     text = FLEET_NGINX.read_text(encoding="utf-8")
     text, servers = re.subn(r"server pullthrough-(\d):5000", r"server 127.0.0.1:500\1", text)
     assert servers == 3
