@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,7 +15,6 @@ import pytest
 
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
-from tests.mirror_process import mirror_processes
 
 REPO = "library/app"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -103,47 +100,6 @@ async def test_readyz_answers_503_once_shutdown_has_begun(
         assert (response.status, body) == (503, {"status": "not ready", "reason": "shutting down"})
     async with mirror.get("/healthz") as response:
         assert response.status == 200  # alive all the same: nothing should restart it
-
-
-async def test_sigterm_turns_readyz_at_once_while_a_download_finishes(
-    fake_upstream: FakeUpstream, tmp_path: Path
-) -> None:
-    """On SIGTERM aiohttp first closes the listening socket and asks every connection to
-    close after its current response (idle keep-alive connections close at once), then
-    runs on_shutdown, which turns /readyz to 503. So no new request can reach /readyz
-    once shutdown has begun: a balancer's check sees a refused connection, and one that
-    was already on its way sees the 503 (the in-process test above shows that answer).
-
-    What a real process lets us observe is the order: the shutdown is announced (readyz
-    503) at once, while a slow download is still far from done, no new connection is
-    accepted, and the download then finishes whole within shutdown_grace.
-    """
-    data = os.urandom(1_500_000)
-    digest = fake_upstream.add_blob(REPO, data)
-    fake_upstream.set_fault(digest, Fault(chunk_size=65_536, delay=0.05))  # ~1.2 s in all
-    log = tmp_path / "mirror.log"
-    async with mirror_processes(tmp_path, fake_upstream.url, "shutdown_grace: 10s\n") as make:
-        mirror = make()
-        await mirror.start()
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{mirror.url}/v2/app/blobs/{digest}") as response,
-        ):
-            first = await response.content.readexactly(65_536)
-            assert mirror.process is not None
-            mirror.process.send_signal(15)
-            async with asyncio.timeout(5):
-                while "/readyz answers 503" not in log.read_text():  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-            assert fake_upstream.count("GET", f"/v2/{REPO}/blobs/{digest}") == 1
-            assert mirror.process.returncode is None  # still serving the download
-            with pytest.raises(aiohttp.ClientConnectionError):
-                async with session.get(
-                    f"{mirror.url}/readyz", timeout=aiohttp.ClientTimeout(total=2)
-                ):
-                    pass
-            assert first + await response.read() == data
-        assert await mirror.process.wait() == 0
 
 
 async def test_content_by_digest_may_be_kept_for_good(

@@ -148,6 +148,12 @@ async def test_bad_input_gets_a_clear_message_and_nonzero_exit(tmp_path: Path) -
 async def test_sigterm_lets_inflight_downloads_finish(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
+    """On SIGTERM aiohttp first closes the listening socket and asks every connection to
+    close after its current response, then runs on_shutdown, which turns /readyz to 503
+    (logged). So a balancer's check sees a refused connection at once, and one already on
+    its way sees the 503 (test_behind_a_proxy shows that answer). What a real process
+    lets us observe is the order: the shutdown is announced while a slow download is far
+    from done, no new connection is accepted, and the download finishes whole."""
     data = os.urandom(1_500_000)
     digest = fake_upstream.add_blob("library/app", data)
     fake_upstream.set_fault(digest, Fault(chunk_size=65_536, delay=0.05))  # ~1.2 s in all
@@ -161,7 +167,11 @@ async def test_sigterm_lets_inflight_downloads_finish(
             first = await response.content.readexactly(65_536)
             assert mirror.process is not None
             mirror.process.send_signal(15)
-            await asyncio.sleep(0.3)
+            log = tmp_path / "mirror.log"
+            async with asyncio.timeout(5):
+                while "/readyz answers 503" not in log.read_text():  # noqa: ASYNC110 - a file
+                    await asyncio.sleep(0.02)
+            assert mirror.process.returncode is None  # still serving the download
             # No new connections once shutdown has begun...
             try:
                 async with session.get(f"{mirror.url}/v2/", timeout=aiohttp.ClientTimeout(total=2)):
