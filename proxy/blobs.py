@@ -24,7 +24,7 @@ from cache.digests import Digest
 from cache.errors import DigestMismatch, FillFailed, SizeMismatch
 from cache.eviction import Evictor
 from cache.fill import Fill
-from cache.store import Cache, Link, LookupResult, OpenBlob
+from cache.store import Cache, LookupResult, OpenBlob
 from proxy.errors import BlobUnknown, RegistryError, UpstreamBadResponse, UpstreamUnavailable
 from proxy.links import LinkConfirmer
 from proxy.metrics import Metrics
@@ -65,7 +65,7 @@ class BlobService:
             # A pass-through download waits for a client that stopped reading no longer
             # than it would wait for upstream to send something.
             fill = self.cache.begin_fill(
-                digest, stall_timeout=target.upstream.read_timeout, link=_link(target)
+                digest, stall_timeout=target.upstream.read_timeout, link=target.link
             )
             self.tasks.spawn(self._download(target, fill), name=f"fill {digest}")
             blob = self.cache.open_blob(digest)
@@ -108,7 +108,7 @@ class BlobService:
         """How upstream admitted `target` to the blob the cache stores (raising if it did
         not), or None when it had no need to. Returns without awaiting anything after its
         last look at the cache, so the caller acts on what it saw."""
-        if await self.cache.is_linked(digest, _link(target)):
+        if await self.cache.is_linked(digest, target.link):
             return None
         if not self.cache.stores(digest):
             return None  # nothing to serve: the download asks upstream as target anyway
@@ -160,10 +160,6 @@ def _as_registry_error(error: BaseException) -> RegistryError:
     if isinstance(error, RegistryError):
         return error
     return UpstreamBadResponse(f"the download was discarded: {error}")
-
-
-def _link(target: Target) -> Link:
-    return (target.upstream.name, target.repo)
 
 
 def _unknown(target: Target, digest: Digest) -> BlobUnknown:

@@ -80,5 +80,5 @@ class LinkConfirmer:
             if not upstream.share_when_down:
                 raise
             return "stale"  # not linked: upstream is asked again next time
-        await self.cache.link(digest, (upstream.name, target.repo))
+        await self.cache.link(digest, target.link)
         return "confirmed"

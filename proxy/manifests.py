@@ -123,7 +123,7 @@ class ManifestService:
 
     async def _stored(self, target: Target, digest: Digest, accept: Accept) -> Manifest | None:
         """The stored manifest, if `target` is linked to it or upstream confirms it holds it."""
-        linked = await self.cache.is_linked(digest, (target.upstream.name, target.repo))
+        linked = await self.cache.is_linked(digest, target.link)
         cached = await self.cache.get_manifest(digest)
         if cached is None:
             return None

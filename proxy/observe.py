@@ -70,7 +70,7 @@ def route_kind(request: web.Request) -> str:
 def client_address(request: web.Request, trusted: Networks) -> str:
     """Who the request came from, as the access log names them (see the module docstring)."""
     peer = request.remote or "-"
-    if not _is_trusted(_address(peer), trusted):
+    if not trusted or not _is_trusted(_address(peer), trusted):  # no parsing when none is
         return peer
     if forwarded := request.headers.getall("Forwarded", []):
         hops = [m[1].strip('"') for m in _FORWARDED_FOR.finditer(",".join(forwarded))]

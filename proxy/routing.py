@@ -31,6 +31,11 @@ class Target:
     def key(self) -> str:
         return f"{self.upstream.name}/{self.repo}"
 
+    @property
+    def link(self) -> tuple[str, str]:
+        """The (upstream, repository) pair cached content is scoped to (`Cache.is_linked`)."""
+        return (self.upstream.name, self.repo)
+
 
 def resolve(config: Config, name: str, ns: str | None) -> Target:
     if ns is not None:
