@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -43,12 +45,13 @@ from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
 from proxy.passthrough import Passthrough
+from proxy.reload import LiveConfig, Reloader
 from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.tls import warn_insecure
 from proxy.upstream import UpstreamClient
 from proxy.upstream_auth import TokenCache
-from proxy.warm import Warmer, warm_all
+from proxy.warm import Warmer, skip_offline, warm_all
 
 log = logging.getLogger("pullthrough")
 
@@ -72,7 +75,7 @@ def make_app(
     if logins is not None:
         middlewares.append(logins.middleware(protect_metrics=config.auth.metrics))
     app = web.Application(middlewares=middlewares)
-    app[CONFIG] = config
+    app[CONFIG] = LiveConfig(config)
     app[METRICS] = metrics
     metrics.prepare([upstream.name for upstream in config.upstreams])
     app.on_response_prepare.append(_api_version_header)
@@ -86,6 +89,21 @@ def make_app(
     app.cleanup_ctx.append(lambda app: _services(app, clock, serving))
     _add_routes(app)
     return app
+
+
+def reload_on_sighup(
+    app: web.Application, path: str | os.PathLike[str], level_override: str | None = None
+) -> None:
+    """`serve`: on SIGHUP, reload the config file `path` (`proxy.reload`)."""
+
+    async def handle_sighup(app: web.Application) -> AsyncIterator[None]:
+        reloader = Reloader(app[CONFIG], path, app[METRICS], level_override)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        yield
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    app.cleanup_ctx.append(handle_sighup)
 
 
 def _add_routes(app: web.Application) -> None:
@@ -120,7 +138,7 @@ async def _shutting_down(app: web.Application) -> None:
     """on_shutdown: the first hook aiohttp runs once it has closed the listening sockets
     and asked every connection to close after its current response."""
     app[handlers.SHUTTING_DOWN].set()
-    grace = app[CONFIG].shutdown_grace
+    grace = app[CONFIG].current.shutdown_grace
     log.info("shutting down: /readyz answers 503; responses in flight get %gs to finish", grace)
 
 
@@ -145,7 +163,7 @@ async def _sender(app: web.Application) -> AsyncIterator[None]:
 async def _cache(
     app: web.Application, clock: Callable[[], float], serving: bool
 ) -> AsyncIterator[None]:
-    settings = app[CONFIG].cache
+    settings = app[CONFIG].current.cache
     cache = new_cache(settings, clock)
     await cache.open(clear_debris=serving)
     app[CACHE] = cache
@@ -157,7 +175,7 @@ async def _cache(
 
 
 async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIterator[None]:
-    connections = app[CONFIG].upstream_connections
+    connections = app[CONFIG].current.upstream_connections
     session = aiohttp.ClientSession(
         auto_decompress=False,
         # Bytes must arrive as upstream stored them, or their digests won't match.
@@ -173,7 +191,7 @@ async def _upstream(app: web.Application, clock: Callable[[], float]) -> AsyncIt
     client = UpstreamClient(
         session, app[METRICS], TokenCache(), clock=clock, connections=connections
     )
-    for upstream in app[CONFIG].upstreams:
+    for upstream in app[CONFIG].current.upstreams:
         client.breaker(upstream)  # so every upstream's state is exported from the start
     app[UPSTREAM] = client
     yield
@@ -190,9 +208,10 @@ async def _services(
     if serving:
         tasks.spawn(reconcile(app[CACHE]), name="reconcile")
         tasks.spawn(app[EVICTOR].run_forever(), name="evictor")
-        warm = list(app[CONFIG].warm)
+        config = app[CONFIG].current
+        warm = skip_offline(config, config.warm)
         if warm:
-            warmer = Warmer(app[CONFIG], app[MANIFESTS], app[BLOBS])
+            warmer = Warmer(config, app[MANIFESTS], app[BLOBS])
             tasks.spawn(warm_all(warmer, warm), name="warm")
     app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
     yield

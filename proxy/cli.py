@@ -1,7 +1,8 @@
 """The `pullthrough` command.
 
-    serve          run the mirror
-    check-config   validate a config and print the effective one, secrets masked
+    serve          run the mirror; SIGHUP reloads the config (proxy/reload.py)
+    check-config   validate a config and print the effective one, secrets masked, and
+                   which upstreams are offline
     warm IMAGE...  pre-fetch images through the same services as a pull
     stats          size, blob count, top repositories, hit ratio of a running server
     gc             one reconcile and eviction pass (TTL, then the size watermarks)
@@ -30,7 +31,7 @@ from cache.eviction import Evictor
 from cache.integrity import Report, fsck, reconcile
 from cache.store import Cache
 from proxy import logs
-from proxy.app import make_app, new_cache
+from proxy.app import make_app, new_cache, reload_on_sighup
 from proxy.config import (
     Config,
     ConfigError,
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         logs.configure(args.log_level or config.log.level, config.log.format == "json")
         if args.command == "serve":
-            return _serve(config)
+            return _serve(config, args.config, args.log_level)
         return asyncio.run(COMMANDS[args.command](config, args))
     except (ConfigError, UsageError) as exc:
         print(f"pullthrough: {exc}", file=sys.stderr)
@@ -91,11 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, path: str, level_override: str | None) -> int:
+    app = make_app(config)
+    reload_on_sighup(app, path, level_override)
     # run_app stops accepting on SIGTERM, gives in-flight responses `shutdown_timeout`
     # to finish, and then runs cleanup: fills are cancelled and their temp files removed.
     web.run_app(
-        make_app(config),
+        app,
         host=config.listen_host,
         port=config.listen_port,
         shutdown_timeout=config.shutdown_grace,
@@ -111,6 +114,10 @@ def _serve(config: Config) -> int:
 
 async def _check_config(config: Config, args: argparse.Namespace) -> int:
     print(yaml.safe_dump(effective(config), sort_keys=False), end="")
+    # A comment, so that the output stays a config that parses.
+    for upstream in config.upstreams:
+        state = "offline: never contacted" if upstream.offline else "online"
+        print(f"# upstream {upstream.name}: {state}")
     return 0
 
 

@@ -28,6 +28,7 @@ from proxy.settings import (
     ConfigError,
     LogConfig,
     Secret,
+    TagTtl,
     TlsConfig,
     UpstreamConfig,
     WarmEntry,
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "LogConfig",
     "Secret",
+    "TagTtl",
     "TlsConfig",
     "UpstreamConfig",
     "WarmEntry",
@@ -71,6 +73,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Per-upstream settings that `upstream_defaults` may set for all upstreams at once.
 _TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl")
+_TAG_TTL_KEYS = {"match", "ttl", "immutable"}
 # An upstream name is the registry host clients ask for: a hostname, optionally with a port.
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 # The NAME of `docker-credential-NAME`: a file name, never a path.
@@ -147,7 +150,12 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         host, port = _parse_listen(raw["listen"])
     else:
         host, port = _default(Config, "listen_host"), _default(Config, "listen_port")
-    upstreams = _parse_upstreams(raw.get("upstreams"), raw.get("upstream_defaults", {}), env)
+    offline = _get(raw, Config, "offline")
+    if not isinstance(offline, bool):
+        raise ConfigError("offline", "must be true or false")
+    upstreams = _parse_upstreams(
+        raw.get("upstreams"), raw.get("upstream_defaults", {}), env, offline
+    )
     return Config(
         version=1,
         listen_host=host,
@@ -164,6 +172,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             _get(raw, Config, "upstream_connections"), "upstream_connections"
         ),
         trusted_proxies=_networks(_get(raw, Config, "trusted_proxies"), "trusted_proxies"),
+        offline=offline,
     )
 
 
@@ -328,15 +337,20 @@ def parse_size(value: Any, path: str, *, allow_zero: bool = False) -> int:
     return size
 
 
-def _parse_upstreams(raw: Any, defaults: Any, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+def _parse_upstreams(
+    raw: Any, defaults: Any, env: Mapping[str, str], offline: bool
+) -> tuple[UpstreamConfig, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("upstreams", "must be a non-empty list")
     if not isinstance(defaults, dict):
         raise ConfigError("upstream_defaults", "must be a mapping")
-    _reject_unknown(defaults, set(_TUNABLE), "upstream_defaults")
+    _reject_unknown(defaults, {*_TUNABLE, "tag_ttl"}, "upstream_defaults")
     _tunables({}, "upstream_defaults", defaults)  # report bad defaults under their own path
+    if "tag_ttl" in defaults:
+        _tag_ttl(defaults["tag_ttl"], "upstream_defaults.tag_ttl")
     upstreams = tuple(
-        _parse_upstream(item, f"upstreams[{i}]", defaults, env) for i, item in enumerate(raw)
+        _parse_upstream(item, f"upstreams[{i}]", defaults, env, offline)
+        for i, item in enumerate(raw)
     )
     seen: set[str] = set()
     for i, upstream in enumerate(upstreams):
@@ -349,7 +363,7 @@ def _parse_upstreams(raw: Any, defaults: Any, env: Mapping[str, str]) -> tuple[U
 
 
 def _parse_upstream(
-    raw: Any, path: str, defaults: dict[str, Any], env: Mapping[str, str]
+    raw: Any, path: str, defaults: dict[str, Any], env: Mapping[str, str], offline: bool
 ) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise ConfigError(path, "must be a mapping with name and url")
@@ -380,6 +394,10 @@ def _parse_upstream(
     if share and (username is not None or helper is not None):
         # Its cache may then hold private content: only upstream may say who sees it.
         raise ConfigError(f"{path}.share_when_down", "only for an upstream without credentials")
+    own_offline = raw.get("offline", offline)  # the global `offline` unless it says
+    if not isinstance(own_offline, bool):
+        raise ConfigError(f"{path}.offline", "must be true or false")
+    tag_ttl = raw.get("tag_ttl", _get(defaults, UpstreamConfig, "tag_ttl"))
     return UpstreamConfig(
         name=name,
         url=(url or "").rstrip("/"),
@@ -395,8 +413,41 @@ def _parse_upstream(
         ca_bundle=_readable_file(_get(raw, UpstreamConfig, "ca_bundle"), f"{path}.ca_bundle"),
         insecure=insecure,
         share_when_down=share,
+        tag_ttl=_tag_ttl(tag_ttl, f"{path}.tag_ttl"),
+        offline=own_offline,
         **_tunables(raw, path, defaults),
     )
+
+
+def _tag_ttl(value: Any, path: str) -> tuple[TagTtl, ...]:
+    """`[{match: GLOB, ttl: DURATION} | {match: GLOB, immutable: true}, ...]`, in order."""
+    if value is None:  # `tag_ttl:` with nothing after it
+        return ()
+    # A tuple is the dataclass default (or a default already parsed); YAML gives lists.
+    if isinstance(value, tuple) and all(isinstance(rule, TagTtl) for rule in value):
+        return value
+    if not isinstance(value, list):
+        raise ConfigError(path, "must be a list such as [{match: 'v*', immutable: true}]")
+    return tuple(_tag_ttl_rule(rule, f"{path}[{i}]") for i, rule in enumerate(value))
+
+
+def _tag_ttl_rule(raw: Any, path: str) -> TagTtl:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            path, "must be {match: GLOB, ttl: DURATION} or {match: GLOB, immutable: true}"
+        )
+    _reject_unknown(raw, _TAG_TTL_KEYS, path)
+    match = raw.get("match")
+    if not isinstance(match, str) or not match:
+        raise ConfigError(f"{path}.match", "must be a glob of tags such as 'v*' or latest")
+    immutable = raw.get("immutable", False)
+    if not isinstance(immutable, bool):
+        raise ConfigError(f"{path}.immutable", "must be true or false")
+    if immutable == ("ttl" in raw):
+        raise ConfigError(path, "give either ttl or immutable: true")
+    if immutable:
+        return TagTtl(match, None)
+    return TagTtl(match, parse_duration(raw["ttl"], f"{path}.ttl", allow_zero=True))
 
 
 def _credential_helper(raw: dict[str, Any], path: str, has_password: bool) -> str | None:

@@ -66,7 +66,9 @@ class CredentialHelpers:
     ) -> None:
         self.clock = clock
         self.timeout = timeout
-        self._answers: dict[str, tuple[Credentials, float]] = {}  # name -> (answer, until)
+        # UpstreamConfig.access -> (answer, until): a reload that changes the helper or
+        # the URL (what it is asked about) starts afresh.
+        self._answers: dict[tuple[object, ...], tuple[Credentials, float]] = {}
         self._running: Coalescer[Credentials] = Coalescer()
 
     async def get(self, upstream: UpstreamConfig) -> Credentials | None:
@@ -74,29 +76,29 @@ class CredentialHelpers:
         helper = upstream.credential_helper
         if helper is None:
             return None
-        kept = self._answers.get(upstream.name)
+        kept = self._answers.get(upstream.access)
         if kept is not None and self.clock() < kept[1]:
             return kept[0]
 
         async def run_and_keep() -> Credentials:
             answer = await run_helper(helper, server_url(upstream), self.timeout)
-            self._answers[upstream.name] = (answer, self.clock() + upstream.credential_lifetime)
+            self._answers[upstream.access] = (answer, self.clock() + upstream.credential_lifetime)
             return answer
 
-        return await self._running.run(upstream.name, run_and_keep)
+        return await self._running.run(upstream.access, run_and_keep)
 
     def kept(self, upstream: UpstreamConfig) -> Credentials | None:
         """The answer kept for `upstream`, expired or not."""
-        kept = self._answers.get(upstream.name)
+        kept = self._answers.get(upstream.access)
         return kept[0] if kept is not None else None
 
     def refused(self, upstream: UpstreamConfig, answer: Credentials) -> None:
         """Upstream refused `answer`: the next `get` runs the helper again. An answer
         already replaced by a newer run is left alone, so that many requests refused at
         once cost one run, not one each."""
-        kept = self._answers.get(upstream.name)
+        kept = self._answers.get(upstream.access)
         if kept is not None and kept[0] is answer:
-            del self._answers[upstream.name]
+            del self._answers[upstream.access]
 
 
 async def run_helper(name: str, server: str, limit: float) -> Credentials:

@@ -15,7 +15,8 @@
     ├── ManifestTooLarge               502 MANIFEST_INVALID
     ├── UpstreamFailed                 (upstream gave no answer: a cached one may stand in)
     │   ├── UpstreamUnavailable        503 UNAVAILABLE
-    │   │   └── UpstreamServerError    503 UNAVAILABLE (upstream answered 5xx)
+    │   │   ├── UpstreamServerError    503 UNAVAILABLE (upstream answered 5xx)
+    │   │   └── UpstreamOffline        503 UNAVAILABLE (`offline: true`: never asked)
     │   ├── UpstreamRateLimited        429 TOOMANYREQUESTS
     │   └── UpstreamBadResponse        502 UNKNOWN
 
@@ -115,6 +116,12 @@ class UpstreamUnavailable(UpstreamFailed):
 
 class UpstreamServerError(UpstreamUnavailable):
     pass
+
+
+class UpstreamOffline(UpstreamUnavailable):
+    """The upstream is configured `offline: true`, so it was not asked at all. A kind of
+    unavailable, so that every stale-if-error path serves what the cache has; but no
+    failure of upstream's: it moves no breaker and counts no upstream error."""
 
 
 class UpstreamRateLimited(UpstreamFailed):

@@ -26,7 +26,8 @@ def _target(request: web.Request) -> Target:
     # an extra path segment, so any escape in the path is refused outright.
     if "%" in request.raw_path.partition("?")[0]:
         raise NameInvalid("percent-encoded characters are not allowed in names")
-    return resolve(request.app[CONFIG], request.match_info["name"], request.query.get("ns"))
+    config = request.app[CONFIG].current
+    return resolve(config, request.match_info["name"], request.query.get("ns"))
 
 
 def _headers(target: Target) -> dict[str, str]:
@@ -120,7 +121,7 @@ async def referrers(request: web.Request) -> web.Response:
 
 
 async def catalog(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.app[CONFIG].current
     default = config.default_upstream
     names = sorted(
         client_name(upstream, repo, default)

@@ -7,15 +7,16 @@ from aiohttp import ClientSession, web
 from cache.eviction import Evictor
 from cache.store import Cache
 from proxy.blobs import BlobService
-from proxy.config import Config
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.passthrough import Passthrough
+from proxy.reload import LiveConfig
 from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 
-CONFIG = web.AppKey("config", Config)
+# The config requests are served with: read `.current` per request (SIGHUP swaps it).
+CONFIG = web.AppKey("config", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
 CACHE = web.AppKey("cache", Cache)
 EVICTOR = web.AppKey("evictor", Evictor)

@@ -5,7 +5,8 @@
     digest      yes, not linked                  HEAD upstream as this repository: 2xx links
                                                  it and serves the cache (proxy/links.py)
     digest      no                               GET upstream, check the digest, store, serve
-    tag         yes, within manifest_ttl         serve from the cache, no upstream request
+    tag         yes, within its TTL              serve from the cache, no upstream request
+    tag         yes, `immutable` in tag_ttl      the same, for as long as it stays cached
     tag         yes, older                       HEAD upstream (free against Docker Hub's limit):
                                                  same digest -> serve cached; new -> GET, store
     tag         no (not for this Accept)         GET upstream, store, remember tag -> digest
@@ -14,7 +15,11 @@
 
 "Cached" means upstream's latest answer for this tag *and this Accept*: a client that
 takes an index and one that takes only image manifests may get different answers, and
-each answer ages on its own.
+each answer ages on its own. A tag's TTL is that of the first `tag_ttl` rule whose glob
+matches it, else the upstream's `manifest_ttl` (`UpstreamConfig.tag_lifetime`).
+
+An `offline: true` upstream fails every request at once (`UpstreamOffline`), so the rows
+above that ask upstream fall through to stale-if-error, and a miss answers 503.
 
 Bytes are served exactly as upstream sent them: never re-serialized or converted.
 """
@@ -39,6 +44,7 @@ from proxy.errors import (
     ManifestUnknown,
     UpstreamBadResponse,
     UpstreamFailed,
+    UpstreamOffline,
     UpstreamUnavailable,
 )
 from proxy.links import LinkConfirmer
@@ -57,6 +63,9 @@ INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 # Sent upstream when a client sends no Accept: every modern format, so that upstream
 # never down-converts to schema 1 on our behalf.
 DEFAULT_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+# The `fresh_for` of an immutable tag (Cache-Control: max-age): a year, as for content by
+# digest. The mirror itself keeps serving it for as long as it stays cached.
+IMMUTABLE_TAG_FRESH_FOR = 365 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +74,8 @@ class Manifest:
     media_type: str
     digest: Digest
     result: LookupResult = "miss"
-    # Seconds a tag's answer stays fresh (what is left of its manifest_ttl); None for a
-    # manifest by digest, which never changes.
+    # Seconds a tag's answer stays fresh (what is left of its TTL); None for a manifest by
+    # digest, which never changes.
     fresh_for: float | None = None
 
 
@@ -138,11 +147,14 @@ class ManifestService:
         rows = await self.cache.tag_answers(target.upstream.name, target.repo, tag)
         answer = next((row for row in rows if row.accept == accept.key), None)
         hit = await self._cached(answer) if answer else None
-        ttl = target.upstream.manifest_ttl
+        lifetime = target.upstream.tag_lifetime(tag)
+        ttl = IMMUTABLE_TAG_FRESH_FOR if lifetime is None else lifetime
         try:
             if answer is None or hit is None:
                 fetched = await self._fetch_tag(target, tag, accept)
                 return replace(fetched, fresh_for=ttl)
+            if lifetime is None:
+                return replace(hit, fresh_for=ttl)  # immutable: never revalidated
             age = self.clock() - answer.checked
             if age < ttl:
                 return replace(hit, fresh_for=ttl - age)
@@ -154,7 +166,9 @@ class ManifestService:
             stale = hit or await self._newest_accepted(rows, accept)
             if stale is None:
                 raise
-            log.warning("serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
+            # Offline is the operator's choice, not a failure worth a warning per request.
+            level = logging.DEBUG if isinstance(exc, UpstreamOffline) else logging.WARNING
+            log.log(level, "serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
             return replace(stale, result="stale", fresh_for=0.0)  # already due
 
     async def _cached(self, row: TagRow) -> Manifest | None:

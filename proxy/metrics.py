@@ -80,6 +80,12 @@ class Metrics:
             ["upstream", "class"],
             registry=r,
         )
+        self.upstream_offline = Counter(
+            "pullthrough_upstream_offline_total",
+            "Upstream requests not made because the upstream is offline (offline: true)",
+            ["upstream"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "pullthrough_upstream_breaker_state",
             "Circuit-breaker state per upstream: 1 for the current state",
@@ -143,6 +149,7 @@ class Metrics:
             for error in ("unreachable", "server_error", "rate_limited", "bad_response"):
                 self.upstream_errors.labels(upstream, error)
             self.upstream_bytes.labels(upstream)
+            self.upstream_offline.labels(upstream)
         for reason in ("size", "ttl"):
             self.evictions.labels(reason)
             self.evicted_bytes.labels(reason)

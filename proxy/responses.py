@@ -73,7 +73,7 @@ async def _send(
     plain = isinstance(transport, asyncio.Transport) and not transport.get_extra_info("sslcontext")
     socket = transport if plain else None  # over TLS sendfile would bypass the encryption
     sender = request.app[SENDER]
-    stall = request.app[CONFIG].client_timeout
+    stall = request.app[CONFIG].current.client_timeout
 
     async def write(data: bytes) -> None:
         await while_taking(response.write(data), lambda: unsent(transport), stall)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,19 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class TagTtl:
+    """One `tag_ttl` rule: tags matching the glob `match` stay fresh for `ttl` seconds,
+    or, with `ttl` None (`immutable: true`), for good: never revalidated once cached."""
+
+    match: str
+    ttl: float | None
+
+    @property
+    def immutable(self) -> bool:
+        return self.ttl is None
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """One upstream registry that the mirror serves."""
 
@@ -70,6 +84,19 @@ class UpstreamConfig:
     read_timeout: float = field(default=30.0, metadata=_help("seconds a read may sit idle"))
     manifest_ttl: float = field(
         default=300.0, metadata=_help("seconds a tag's answer is served without asking upstream")
+    )
+    tag_ttl: tuple[TagTtl, ...] = field(
+        default=(),
+        metadata=_help(
+            "ordered {match: GLOB, ttl: DURATION} or {match: GLOB, immutable: true}; the"
+            " first whose glob matches the tag wins, manifest_ttl is the fallback"
+        ),
+    )
+    offline: bool = field(
+        default=False,
+        metadata=_help(
+            "never contact this upstream, only serve what is cached (unset: the global offline)"
+        ),
     )
     allow: tuple[str, ...] = field(
         default=(), metadata=_help("glob patterns of repositories served (empty: all)")
@@ -94,6 +121,27 @@ class UpstreamConfig:
     @property
     def is_docker_hub(self) -> bool:
         return self.name in ("docker.io", "registry-1.docker.io", "index.docker.io")
+
+    def tag_lifetime(self, tag: str) -> float | None:
+        """Seconds an answer for `tag` is served without asking upstream; None: for good."""
+        for rule in self.tag_ttl:
+            if fnmatchcase(tag, rule.match):
+                return rule.ttl
+        return self.manifest_ttl
+
+    @property
+    def access(self) -> tuple[object, ...]:
+        """What the upstream's tokens, challenges, helper answers and TLS context depend
+        on: state kept under this key is never used again once a reload changes one."""
+        return (
+            self.name,
+            self.url,
+            self.username,
+            self.password,
+            self.credential_helper,
+            self.ca_bundle,
+            self.insecure,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +218,10 @@ class Config:
     upstream_connections: int = field(
         default=32, metadata=_help("concurrent connections to each upstream host")
     )
+    offline: bool = field(
+        default=False,
+        metadata=_help("never contact any upstream that doesn't set its own offline"),
+    )
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = field(
         default=(),
         metadata=_help(
@@ -194,6 +246,10 @@ def effective(config: Config) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if isinstance(value, Secret):
             return "***"
+        if isinstance(value, TagTtl):  # as the YAML spells it
+            if value.immutable:
+                return {"match": value.match, "immutable": True}
+            return {"match": value.match, "ttl": value.ttl}
         if isinstance(value, Path | IPv4Network | IPv6Network):
             return str(value)
         if isinstance(value, frozenset):

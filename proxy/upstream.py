@@ -14,6 +14,16 @@ The bookkeeping has one owner, so nothing is counted twice: `_record` books each
 counter of `upstream_errors`, and `stream_failed` books a body cut off mid-stream. What an
 answer means is in `upstream_status`; tokens and Basic credentials in `upstream_auth`;
 TLS, timeouts and the downloads' share of the pool in `upstream_connections`.
+
+An upstream that is `offline: true` is never contacted: `request`, where every exchange
+with upstream starts (token service and credential helper included), raises
+`UpstreamOffline` before anything else. It is counted in `upstream_offline` only: no
+breaker, no latency, no upstream error, since upstream did nothing wrong.
+
+The upstream's settings come with each call (from the config current when the request
+came in), so a reload takes effect on the next request. Auth state is kept under
+`UpstreamConfig.access`: once a reload changes an upstream's URL, credentials or TLS,
+its old tokens, challenge and helper answer are never used again.
 """
 
 from __future__ import annotations
@@ -30,7 +40,13 @@ from yarl import URL
 from proxy.breaker import CircuitBreaker
 from proxy.config import UpstreamConfig
 from proxy.credentials import CredentialHelpers
-from proxy.errors import RegistryError, Unauthorized, UpstreamBadResponse, UpstreamUnavailable
+from proxy.errors import (
+    RegistryError,
+    Unauthorized,
+    UpstreamBadResponse,
+    UpstreamOffline,
+    UpstreamUnavailable,
+)
 from proxy.metrics import Metrics
 from proxy.upstream_auth import (
     Challenge,
@@ -76,7 +92,7 @@ class UpstreamClient:
             self.breaker,
             CredentialHelpers(clock),
         )
-        self._challenges: dict[str, Challenge] = {}
+        self._challenges: dict[tuple[object, ...], Challenge] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._repository_breakers: LRUCache[tuple[str, str], CircuitBreaker] = LRUCache(
             REPOSITORY_BREAKERS
@@ -146,8 +162,15 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """Send one request, answering one auth challenge. The caller releases the response.
 
-        Raises `UpstreamUnavailable` when upstream can't be reached or times out.
+        Raises `UpstreamUnavailable` when upstream can't be reached or times out, and
+        `UpstreamOffline` without trying when it is `offline: true`.
         """
+        if upstream.offline:
+            self.metrics.upstream_offline.labels(upstream.name).inc()
+            where = f" for {repo}" if repo else ""
+            raise UpstreamOffline(
+                f"upstream {upstream.name} is offline (offline: true); this is not cached{where}"
+            )
         url = URL(upstream.url + path)
         if params:
             url = url.with_query(params)
@@ -160,10 +183,10 @@ class UpstreamClient:
         if challenge is None:
             return response
         response.release()
-        self._challenges[upstream.name] = challenge
+        self._challenges[upstream.access] = challenge
         if sent_auth is not None:
             # A cached token that upstream now refuses (expired early, revoked): drop it.
-            self.tokens.drop((upstream.name, scope))
+            self.tokens.drop((upstream.access, scope))
             if challenge.scheme == "basic":
                 self.fetcher.basic_refused(upstream, sent_auth)  # a rotated helper password
         authorization = await self._authorize(upstream, challenge, scope)
@@ -173,7 +196,7 @@ class UpstreamClient:
 
     async def _known_authorization(self, upstream: UpstreamConfig, scope: str | None) -> str | None:
         """Authorization we can send up front, because this upstream challenged us before."""
-        challenge = self._challenges.get(upstream.name)
+        challenge = self._challenges.get(upstream.access)
         if challenge is None:
             return None
         return await self._authorize(upstream, challenge, scope)
@@ -186,7 +209,7 @@ class UpstreamClient:
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
         token = await self.tokens.get_or_fetch(
-            (upstream.name, scope),
+            (upstream.access, scope),
             lambda: self.fetcher.fetch(upstream, challenge, scope),
         )
         return f"Bearer {token}"

@@ -25,13 +25,14 @@ class UpstreamConnections:
 
     def __init__(self, connections: int = 32) -> None:
         self.connections = connections
-        self._ssl_contexts: dict[str, ssl.SSLContext | bool] = {}
+        # By UpstreamConfig.access: a reload that changes ca_bundle or insecure builds anew.
+        self._ssl_contexts: dict[tuple[object, ...], ssl.SSLContext | bool] = {}
         self._download_slots: dict[str, asyncio.Semaphore] = {}
 
     def ssl_context(self, upstream: UpstreamConfig) -> ssl.SSLContext | bool:
-        if upstream.name not in self._ssl_contexts:
-            self._ssl_contexts[upstream.name] = upstream_ssl(upstream)
-        return self._ssl_contexts[upstream.name]
+        if upstream.access not in self._ssl_contexts:
+            self._ssl_contexts[upstream.access] = upstream_ssl(upstream)
+        return self._ssl_contexts[upstream.access]
 
     def timeout(self, upstream: UpstreamConfig) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(

@@ -130,6 +130,24 @@ def _blob_digests(manifest: bytes) -> list[Digest]:
     return [Digest.parse(d["digest"]) for d in descriptors]
 
 
+def skip_offline(config: Config, entries: tuple[WarmEntry, ...]) -> list[WarmEntry]:
+    """The entries whose upstream may be asked: start-up warming has nothing to gain from
+    an `offline: true` upstream (each would fail), so those are left out, with a log line.
+    An entry that names no upstream is kept, for `warm_all` to report."""
+    kept = []
+    for entry in entries:
+        try:
+            target, _ = parse_image(config, entry.image)
+        except RegistryError:
+            kept.append(entry)
+            continue
+        if target.upstream.offline:
+            log.info("not warming %s: upstream %s is offline", entry.image, target.upstream.name)
+        else:
+            kept.append(entry)
+    return kept
+
+
 async def warm_all(
     warmer: Warmer, requests: list[WarmEntry], report: Callable[[str], None] = log.info
 ) -> int:
