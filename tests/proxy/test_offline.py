@@ -223,7 +223,9 @@ async def test_a_bad_file_is_refused_and_the_running_config_stays(
 async def test_restart_only_settings_are_named_and_keep_their_running_value(
     fake_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path, caplog: Any
 ) -> None:
-    upstreams = [{"name": "docker.io", "url": fake_upstream.url, "default": True}]
+    upstreams: list[dict[str, Any]] = [
+        {"name": "docker.io", "url": fake_upstream.url, "default": True}
+    ]
     mirror = await make_mirror(upstreams)
     before = mirror.app[CONFIG].current
     added = [*upstreams, {"name": "quay.io", "url": fake_upstream.url}]
