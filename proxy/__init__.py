@@ -24,5 +24,6 @@ and `cache` (storage) never imports from `proxy`.
     storage          cache/          files, fills in progress, the SQLite index, eviction
     operations       cli.py          serve, warm, stats, gc, evict, fsck (warm.py)
                      config.py       mirror.yaml into the frozen settings.py dataclasses
+                     reload.py       the live config, reloaded on SIGHUP
                      logs.py, tls.py, tasks.py
 """

@@ -87,7 +87,7 @@ class Reloader:
                 " value until then)",
                 ", ".join(needs_restart),
             )
-        applied = _keep_fixed(old, new)
+        applied = _keep_fixed(old, new, keep_level=self.level_override is not None)
         self._apply_side_effects(old, applied)
         self.live.swap(applied)
         log.info("config reloaded from %s: %s", self.path, _summary(old, applied))
@@ -98,13 +98,14 @@ class Reloader:
         insecure_before = {u.name for u in old.upstreams if u.insecure}
         newly = tuple(u for u in new.upstreams if u.insecure and u.name not in insecure_before)
         warn_insecure(replace(new, upstreams=newly))
-        if self.level_override is None and new.log.level != old.log.level:
+        if new.log.level != old.log.level:
             logging.getLogger().setLevel(new.log.level)
 
 
-def _keep_fixed(old: Config, new: Config) -> Config:
-    """`new` with every setting that needs a restart as it runs now."""
-    level = replace(old.log, level=new.log.level)
+def _keep_fixed(old: Config, new: Config, keep_level: bool) -> Config:
+    """`new` with every setting that needs a restart as it runs now (and the log level
+    too when the command line set it)."""
+    level = replace(old.log, level=old.log.level if keep_level else new.log.level)
     return replace(old, upstreams=new.upstreams, offline=new.offline, log=level)
 
 

@@ -288,3 +288,26 @@ async def test_check_config_shows_which_upstreams_are_offline(tmp_path: Path) ->
     printed = yaml.safe_load(text)  # still a config
     assert [u["offline"] for u in printed["upstreams"]] == [True, False]
     assert printed["offline"] is True
+
+
+async def test_log_level_is_reloaded_unless_the_command_line_set_it(
+    fake_upstream: FakeUpstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    upstreams = [{"name": "docker.io", "url": fake_upstream.url, "default": True}]
+    mirror = await make_mirror(upstreams)
+    path = tmp_path / "reloaded.yaml"
+    raw = {"cache": {"path": str(mirror.cache_dir)}, "upstreams": upstreams}
+    path.write_text(yaml.safe_dump({**raw, "log": {"level": "error"}}))
+    root = logging.getLogger()
+    level = root.level
+    try:
+        live, metrics = mirror.app[CONFIG], mirror.app[METRICS]
+        assert Reloader(live, path, metrics, level_override="DEBUG", env={}).reload()
+        assert root.level == level  # --log-level wins
+        assert live.current.log.level == "INFO"
+        path.write_text(yaml.safe_dump({**raw, "log": {"level": "warning"}}))
+        assert Reloader(live, path, metrics, env={}).reload()
+        assert root.level == logging.WARNING
+        assert live.current.log.level == "WARNING"
+    finally:
+        root.setLevel(level)
