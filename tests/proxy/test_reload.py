@@ -143,7 +143,7 @@ async def test_sighup_switches_offline_for_the_next_request(
 async def test_a_bad_file_is_refused_and_restart_only_changes_are_named(
     fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    image = fake_upstream.add_image("library/app", "v1")
+    fake_upstream.add_image("library/app", "v1")
     async with mirror_processes(tmp_path, fake_upstream.url) as make:
         mirror = make()
         await mirror.start()
@@ -172,6 +172,5 @@ async def test_a_bad_file_is_refused_and_restart_only_changes_are_named(
                 assert response.status == 200
                 assert response.headers["Cache-Control"] == "no-cache"  # manifest_ttl: 0
             assert fake_upstream.count("HEAD", "/v2/library/app/manifests/v1") == 1
-            assert image.manifest_digest
         assert not (mirror.workdir / "elsewhere").exists()
         assert await mirror.terminate() == 0
