@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: Config, path: str, level_override: str | None) -> int:
+    # Until the reload handler is installed, a SIGHUP (a `systemctl reload` racing the
+    # start) must not kill the server, which is SIGHUP's default action.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = make_app(config)
     reload_on_sighup(app, path, level_override)
     # run_app stops accepting on SIGTERM, gives in-flight responses `shutdown_timeout`

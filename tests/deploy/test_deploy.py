@@ -729,6 +729,7 @@ def test_systemd_unit_settings() -> None:
     command = service["ExecStart"].split()
     assert command[1:] == ["serve", "--config", CONFIG_PATH]
     assert service["Restart"] == "on-failure"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # serve reloads on SIGHUP
     assert seconds(service["TimeoutStopSec"]) > DEFAULT_SHUTDOWN_GRACE
     for key, value in {
         "ProtectSystem": "strict",
