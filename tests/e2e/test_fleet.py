@@ -225,9 +225,12 @@ async def kill_the_filling_replica(
         if (ranged := partial_gets(r, repo, largest.digest))
     }
     assert resumed, "dockerd never resumed the cut layer with a Range request"
+    # The next replica on the ring filled it, once; the killed one's fill was never committed.
+    (next_owner,) = set((await owners(survivors, {largest.digest})).values())
     print(
         f"fleet: replica-{victim} SIGKILLed mid-fill of a {largest.size}-byte layer after"
-        f" {HOLD_AFTER} bytes from upstream; dockerd resumed with Range: {resumed};"
+        f" {HOLD_AFTER} bytes from upstream; dockerd resumed with Range: {resumed}; stored"
+        f" by replica-{replicas.index(survivors[next_owner])};"
         f" upstream GETs of that layer: {upstream_blob_gets(registry, largest.digest)}"
     )
 
@@ -236,6 +239,7 @@ async def kill_the_filling_replica(
     await balancer.wait_up(3)
     code, report = await fsck(replicas[victim])
     assert code == 0 and " 0 bad, 0 missing" in report, report
+    print(f"fleet: replica-{victim} restarted on its cache; fsck: {report.strip()}")
     dest = await copy_to_dir(f"127.0.0.1:{balancer.port}/{repo}:v1", tmp_path / "pull-kill")
     assert manifest_digest(dest) == pushed.digest
     assert set(verify_dir(dest)) == {blob.digest for blob in pushed.blobs}
@@ -244,10 +248,12 @@ async def kill_the_filling_replica(
 async def held_or_failed(relay: HoldingRelay, pull: asyncio.Task[str]) -> None:
     """Wait until the relay holds a download, or the pull ends first (which is a failure)."""
     held = asyncio.create_task(relay.held.wait())
-    async with asyncio.timeout(60):
-        await asyncio.wait({held, pull}, return_when=asyncio.FIRST_COMPLETED)
-    if not held.done():
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.wait({held, pull}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
         held.cancel()
+    if not relay.held.is_set():
         raise AssertionError(f"the pull ended before the fill was held: {pull.result()!r}")
 
 
