@@ -9,6 +9,7 @@ function, so pytest's default run collects nothing from this package.
     measure.py   timers, skopeo/curl/wrk runners, upstream byte accounting, RSS sampler
     verifier.py  a process doing only a verifying cache's work (sha256, write, fsync),
                  run beside a direct pull in the cold phase
+    fleet.py     the fleet phase: 3 replicas behind haproxy against the one mirror
     report.py    the table of ratios, the pass/fail targets and the JSON file
     run.py       the entry point that starts everything and runs the phases
 """

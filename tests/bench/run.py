@@ -21,6 +21,8 @@ upstream, which caches to disk and checks no digests), then runs:
     warm        the first cold image again: skopeo through mirror and peer; curl of the
                 4 layer files from the mirror and from nginx, in parallel and in sequence
     manifests   wrk, 32 connections, by tag and by digest, mirror and peer
+    fleet       per repetition a fresh image: N skopeo clients through 3 replicas behind
+                haproxy and through the mirror alone (tests/bench/fleet.py)
 
 Every timed run also records the CPU seconds of the mirror, the peer, the relay (its
 workers), the upstream and the clients, and the 1-minute load average when it started
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.bench import report
+from tests.bench import fleet, report
 from tests.bench.images import BenchImage, make_image
 from tests.bench.measure import (
     DOCKER_ACCEPT,
@@ -464,6 +466,10 @@ class Bench:
                     )
                     log(f"manifest by {kind:6} {who:6} rep {rep + 1}: {load.rps:.0f} req/s")
 
+    def fleet_phase(self) -> None:
+        """3 replicas behind haproxy against this one mirror: tests/bench/fleet.py."""
+        fleet.run(self)
+
     def run(self) -> None:
         """The check, then the phases BENCH_PHASES names, in this order, each timed and
         with its own memory peaks."""
@@ -474,6 +480,7 @@ class Bench:
             "concurrent_curl": self.concurrent_curl,
             "warm": self.warm,
             "manifests": self.manifests,
+            "fleet": self.fleet_phase,
         }
         for name, phase in phases.items():
             if name != "check" and name not in self.s.phases:
@@ -695,8 +702,8 @@ def _summarize(raw: dict[str, Any], started: float) -> tuple[dict[str, Any], lis
     """Closes the raw results: end time, medians and the targets, kept in ``raw`` too."""
     raw["environment"]["loadavg_end"] = os.getloadavg()
     raw["total_seconds"] = round(time.perf_counter() - started, 1)
-    summary = report.summarize(raw)
-    checks = report.targets(raw, summary)
+    summary = report.summarize(raw) | fleet.summarize(raw)
+    checks = report.targets(raw, summary) + fleet.targets(raw, summary)
     raw["summary"] = summary
     raw["targets"] = [t.as_dict() for t in checks]
     return summary, checks
@@ -735,6 +742,8 @@ def _print_report(
     )
     print()
     print(report.table(raw, summary, checks))
+    if fleet_rows := fleet.table(raw, summary, checks):
+        print(fleet_rows)
     print(
         f"\nraw numbers: {path} (and {path.parent / 'latest.json'}); took {raw['total_seconds']} s"
     )

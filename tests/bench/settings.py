@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAYERS = 4
-PHASES = ("cold", "concurrent", "concurrent_curl", "warm", "manifests")
+PHASES = ("cold", "concurrent", "concurrent_curl", "warm", "manifests", "fleet")
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
