@@ -175,7 +175,10 @@ async def test_a_fleet_fetches_each_blob_once_and_survives_a_replica(
         print(
             f"fleet: after a reload (master PID {master} kept) a 4th replica took over"
             f" {len(moved)} of {len(blobs)} cached digests"
-            f" ({len(moved) / len(blobs):.0%}; consistent hashing expects about 25%)"
+            f" ({len(moved) / len(blobs):.0%}; consistent hashing expects 25%, give or take"
+            # One standard deviation of a binomial share: with a few dozen keys the
+            # figure swings widely (over 2000 random digests the shipped config moved 25%).
+            f" {(0.25 * 0.75 / len(blobs)) ** 0.5:.0%} for {len(blobs)} keys)"
         )
     finally:
         if balancer is not None:
