@@ -654,3 +654,13 @@ def test_ingress_nginx_check_catches_an_undefined_key(tmp_path: Path) -> None:
     result = render_ingress_nginx(tmp_path, "$pullthrough_undefined")
     assert result.returncode != 0
     assert "unknown" in result.stderr and "pullthrough_undefined" in result.stderr
+
+
+# ---- docs -------------------------------------------------------------------------------------
+
+
+def test_deploy_readme_names_every_fleet_file() -> None:
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    for path in sorted(FLEET.iterdir()):
+        name = f"fleet/{path.name}" + ("/" if path.is_dir() else "")
+        assert f"`{name}`" in readme, f"deploy/README.md does not list {name}"
