@@ -224,8 +224,9 @@ def hash_by() -> str:
 
 
 def render_ingress_nginx(tmp_path: Path, key: str) -> subprocess.CompletedProcess[str]:
-    """`nginx -t` on the http-snippet plus the upstream ingress-nginx builds from the
-    annotation, with the replicas on loopback (nginx -t resolves server names)."""
+    """`nginx -t` on the http-snippet plus an upstream hashed by the annotation's value.
+    nginx's own `hash` stands in for ingress-nginx's Lua balancer, which reads the same
+    variable; the replicas are on loopback because nginx -t resolves server names."""
     nginx = require_tool("nginx", "nginx")
     snippet = "\n".join("    " + line for line in http_snippet().splitlines())
     servers = "".join(f"        server 127.0.0.1:{PORT + i};\n" for i in range(REPLICAS))
