@@ -40,7 +40,7 @@ run: $(STAMP) ## serve mirror.yaml on 0.0.0.0:5000 with the cache in ./data
 test: $(STAMP) system-deps ## run the test suite against a real registry
 	$(PY) -m pytest
 
-# The benchmark (tests/bench/, 8-14 min at the defaults; never part of `make test`).
+# The benchmark (tests/bench/, 10-16 min at the defaults; never part of `make test`).
 # Knobs: BENCH_IMAGE_MB, BENCH_REPS, BENCH_PHASES, BENCH_PROFILE ... (tests/bench/settings.py).
 BENCH_COMMANDS := nginx wrk curl
 BENCH_PACKAGES := nginx wrk curl
