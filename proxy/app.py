@@ -30,19 +30,19 @@ from proxy.keys import (
     CACHE,
     CONFIG,
     EVICTOR,
+    LISTINGS,
     MANIFESTS,
     METRICS,
-    PASSTHROUGH,
     SENDER,
     SESSION,
     TASKS,
     UPSTREAM,
 )
+from proxy.listings import ListingService
 from proxy.logs import quiet_protocol_errors
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
-from proxy.passthrough import Passthrough
 from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.tls import warn_insecure
@@ -194,7 +194,7 @@ async def _services(
         if warm:
             warmer = Warmer(app[CONFIG], app[MANIFESTS], app[BLOBS])
             tasks.spawn(warm_all(warmer, warm), name="warm")
-    app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
+    app[LISTINGS] = ListingService(app[CACHE], app[UPSTREAM], app[MANIFESTS], clock)
     yield
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(5):

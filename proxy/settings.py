@@ -71,6 +71,10 @@ class UpstreamConfig:
     manifest_ttl: float = field(
         default=300.0, metadata=_help("seconds a tag's answer is served without asking upstream")
     )
+    listing_ttl: float = field(
+        default=300.0,
+        metadata=_help("seconds a tags/list or referrers answer is served without asking upstream"),
+    )
     allow: tuple[str, ...] = field(
         default=(), metadata=_help("glob patterns of repositories served (empty: all)")
     )
