@@ -92,18 +92,26 @@ class ListingService:
         upstream = target.upstream
         seen = self._without_api.get(upstream.name)
         if seen is not None and self.clock() - seen < upstream.listing_ttl:
-            return await self._from_cache(target, digest, params, "hit")
+            return await self._without_referrers_api(target, digest, params)
         try:
             return await self._lookup(target, f"referrers/{digest}", params)
         except NoReferrersApi:
             self._without_api[upstream.name] = self.clock()
-            return await self._from_cache(target, digest, params, "hit")
+            return await self._without_referrers_api(target, digest, params)
         except UpstreamFailed as exc:
-            built = await self._from_cache(target, digest, params, "stale")
-            if not json.loads(built.body)["manifests"] and not await self._knows(target, digest):
+            found = await self._cached_referrers(target, digest)
+            if not found and not await self._knows(target, digest):
                 raise
             log.warning("serving referrers of %s from the cache, upstream failed: %s", digest, exc)
-            return built
+            return _referrers_index(found, params, "stale", 0.0)
+
+    async def _without_referrers_api(
+        self, target: Target, digest: Digest, params: dict[str, str]
+    ) -> Listing:
+        found = await self._cached_referrers(target, digest)
+        if not found and not await self._knows(target, digest):
+            await self._fetch(target, TAGS, {"n": "1"})  # NAME_UNKNOWN if it doesn't exist
+        return _referrers_index(found, params, "hit", target.upstream.listing_ttl)
 
     async def _lookup(self, target: Target, endpoint: str, params: dict[str, str]) -> Listing:
         upstream, repo = target.upstream, target.repo
@@ -154,24 +162,12 @@ class ListingService:
             raise too_large
         return body
 
-    async def _from_cache(
-        self, target: Target, digest: Digest, params: dict[str, str], result: LookupResult
-    ) -> Listing:
-        """The referrers index the OCI 1.1 rules give from what the cache holds."""
+    async def _cached_referrers(self, target: Target, digest: Digest) -> list[dict[str, Any]]:
+        """The descriptors of the referrers the cache knows for this repository."""
         found = {d["digest"]: d for d in await self._referrers_tag(target, digest)}
         for referrer in await self.cache.referrers(target.upstream.name, target.repo, digest):
             found[referrer.digest] = referrer.descriptor()
-        descriptors = sorted(found.values(), key=lambda d: str(d["digest"]))
-        headers = {"Content-Type": OCI_INDEX}
-        artifact_type = params.get("artifactType")
-        if artifact_type is not None:
-            descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
-            headers["OCI-Filters-Applied"] = "artifactType"
-        if result == "hit" and not descriptors and not await self._knows(target, digest):
-            await self._fetch(target, TAGS, {"n": "1"})  # NAME_UNKNOWN if it doesn't exist
-        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
-        fresh_for = target.upstream.listing_ttl if result == "hit" else 0.0
-        return Listing(json.dumps(index).encode(), headers, result, fresh_for)
+        return sorted(found.values(), key=lambda d: str(d["digest"]))
 
     async def _referrers_tag(self, target: Target, digest: Digest) -> list[dict[str, Any]]:
         """The descriptors of the subject's referrers tag, if there is one: clients that
@@ -205,6 +201,22 @@ async def _refuse_missing_referrers_api(response: aiohttp.ClientResponse, target
     if code == "NAME_UNKNOWN":
         raise NameUnknown(detail={"name": target.name})
     raise NoReferrersApi()
+
+
+def _referrers_index(
+    descriptors: list[dict[str, Any]],
+    params: dict[str, str],
+    result: LookupResult,
+    fresh_for: float,
+) -> Listing:
+    """An OCI 1.1 referrers answer: an image index, filtered when asked, saying so."""
+    headers = {"Content-Type": OCI_INDEX}
+    artifact_type = params.get("artifactType")
+    if artifact_type is not None:
+        descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
+        headers["OCI-Filters-Applied"] = "artifactType"
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    return Listing(json.dumps(index).encode(), headers, result, fresh_for)
 
 
 def _for_client(
