@@ -26,7 +26,7 @@ from typing import Literal
 from cachetools import LRUCache
 
 from cache.digests import Digest
-from cache.errors import DISK_FULL_ERRNOS, DiskFull, StoreClosed
+from cache.errors import DISK_FULL_ERRNOS, DiskFull, InvalidDigest, StoreClosed
 from cache.files import BlobFiles
 from cache.fill import Fill
 from cache.index import INDEX_SUBJECTS, BlobRow, Index, ListingRow, TagRow
@@ -101,8 +101,12 @@ class Cache:
             raise StoreClosed(f"cache is {self._state}")
         await asyncio.to_thread(self.files.prepare, clear_debris)
         await self.index.open()
-        await self.recount()
-        await self._index_subjects()
+        try:
+            await self.recount()
+            await self._index_subjects()
+        except BaseException:
+            await self.index.close()  # its thread would keep the process alive
+            raise
         self._state = "open"
 
     async def _index_subjects(self) -> None:
@@ -120,7 +124,10 @@ class Cache:
     def _read_references(self, digests: list[str]) -> dict[str, Reference]:
         found = {}
         for digest in digests:
-            data = self.files.read_bytes(Digest.parse(digest))
+            try:
+                data = self.files.read_bytes(Digest.parse(digest))
+            except InvalidDigest:  # no file can be named by it: reconciliation drops it
+                continue
             reference = reference_of(data) if data is not None else None
             if reference is not None:
                 found[digest] = reference
