@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from proxy.config import parse_config
+from proxy.settings import ConfigError
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault, sha256_digest
 from tests.mirror import MakeMirror, Mirror
@@ -320,3 +322,25 @@ async def test_referrers_come_from_cached_manifests_when_upstream_is_down(
     # subject gets the error, as before.
     status, _, body = await get(mirror, f"/v2/third/referrers/{SUBJECT}")
     assert (status, body["errors"][0]["code"]) == (503, "UNAVAILABLE")
+
+
+def test_listing_ttl_is_parsed_like_manifest_ttl() -> None:
+    raw = {
+        "upstream_defaults": {"listing_ttl": "10m"},
+        "upstreams": [
+            {"name": "a.io", "url": "https://a.io"},
+            {"name": "b.io", "url": "https://b.io", "listing_ttl": 0},
+        ],
+    }
+    a, b = parse_config(raw, env={}).upstreams
+    assert (a.listing_ttl, b.listing_ttl, a.manifest_ttl) == (600, 0, 300)
+    default = parse_config({"upstreams": [{"name": "a.io", "url": "https://a.io"}]}, env={})
+    assert default.upstreams[0].listing_ttl == default.upstreams[0].manifest_ttl == 300
+    with pytest.raises(ConfigError, match=r"^upstreams\[0\]\.listing_ttl: must be a duration"):
+        parse_config(
+            {"upstreams": [{"name": "a.io", "url": "https://a.io", "listing_ttl": "x"}]}, env={}
+        )
+    with pytest.raises(ConfigError, match=r"^upstream_defaults\.listing_ttl: must be a duration"):
+        parse_config(
+            {"upstream_defaults": {"listing_ttl": -1}, "upstreams": raw["upstreams"]}, env={}
+        )
