@@ -193,7 +193,10 @@ class ListingService:
 async def _refuse_missing_referrers_api(response: aiohttp.ClientResponse, target: Target) -> None:
     """A 404 to a referrers request: the repository is unknown (the one 404 the spec
     allows, with an OCI NAME_UNKNOWN body), or upstream has no such endpoint at all."""
-    body = await response.content.read(64 * 1024)
+    try:
+        body = await response.content.read(64 * 1024)
+    except (TimeoutError, aiohttp.ClientError):
+        body = b""  # a 404 all the same
     try:
         code = json.loads(body)["errors"][0]["code"]
     except (ValueError, KeyError, IndexError, TypeError):

@@ -23,6 +23,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 SUBJECT = sha256_digest(b"subject")
 TAGS_PATH = f"/v2/{REPO}/tags/list"
 REFERRERS_PATH = f"/v2/{REPO}/referrers/{SUBJECT}"
+CLIENT_REFERRERS = f"/v2/app/referrers/{SUBJECT}"
 
 
 async def mirror_for(make_mirror: MakeMirror, url: str, **extra: Any) -> Mirror:
@@ -74,26 +75,31 @@ async def test_tags_are_served_from_the_store_within_listing_ttl(
     assert fake_upstream.count("GET", TAGS_PATH) == 2
 
 
+@pytest.mark.parametrize("status", [503, 500, 429])
 @pytest.mark.parametrize(
-    "fault", [Fault(status=503), Fault(status=500), Fault(status=429, retry_after=5)]
+    ("kind", "path", "upstream_path"),
+    [("tags", "/v2/app/tags/list", TAGS_PATH), ("referrers", CLIENT_REFERRERS, REFERRERS_PATH)],
 )
-async def test_a_failing_upstream_gets_the_stored_tags_counted_stale(
-    fault: Fault,
+async def test_a_failing_upstream_gets_the_stored_answer_counted_stale(
+    status: int,
+    kind: str,
+    path: str,
+    upstream_path: str,
     fake_upstream: FakeUpstream,
     make_mirror: MakeMirror,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     add_tags(fake_upstream, "v1")
+    fake_upstream.add_referrer(REPO, SUBJECT, referrer(1, "application/x-sbom"))
     mirror = await mirror_for(make_mirror, fake_upstream.url)
-    stored = await get(mirror, "/v2/app/tags/list")
-    fake_upstream.set_fault(TAGS_PATH, fault)
+    stored = await get(mirror, path)
+    fault = fake_upstream.set_fault(upstream_path, Fault(status=status, retry_after=5))
     mirror.clock.advance(TTL + 1)
     with caplog.at_level(logging.WARNING, "pullthrough.listings"):
-        status, headers, body = await get(mirror, "/v2/app/tags/list")
-    assert (status, body) == (200, stored[2])
-    assert headers["Cache-Control"] == "no-cache"
+        answer = await get(mirror, path)
+    assert (answer[0], answer[1]["Cache-Control"], answer[2]) == (200, "no-cache", stored[2])
     assert fault.hits == 1
-    assert await counted(mirror, "tags", "stale") == 1
+    assert await counted(mirror, kind, "stale") == 1
     assert "upstream failed" in caplog.text and "docker.io/library/app" in caplog.text
 
 
