@@ -41,7 +41,8 @@ CREATE TABLE tags (
 # page of a paginated list is its own answer), with the headers passed on to clients
 # (Link as upstream sent it: the proxy rewrites it for each client's spelling of the name).
 # Served within listing_ttl, and when upstream fails. Not blobs: they count against no
-# budget and are not evicted.
+# budget; an answer upstream has not renewed for blob_ttl is dropped when that upstream
+# next gives one (so never during its outage).
 _LISTINGS = """
 CREATE TABLE listings (
     upstream TEXT NOT NULL,
@@ -53,6 +54,7 @@ CREATE TABLE listings (
     checked  REAL NOT NULL,         -- when upstream gave this answer
     PRIMARY KEY (upstream, repo, endpoint, query)
 );
+CREATE INDEX listings_by_checked ON listings (upstream, checked);
 """
 # For each stored manifest that has an OCI 1.1 `subject`: the digest it refers to, and
 # what a referrers index says of it (cache/referrers.py). Rows go with their blob.
@@ -403,15 +405,22 @@ class Index:
         query: str,
         body: bytes,
         headers: dict[str, str],
+        keep_for: float,
     ) -> None:
+        """Store an answer, and drop this upstream's answers older than `keep_for`."""
+        now = self.clock()
         await self._write(
             [
                 (
                     "INSERT OR REPLACE INTO listings"
                     " (upstream, repo, endpoint, query, body, headers, checked)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (upstream, repo, endpoint, query, body, json.dumps(headers), self.clock()),
-                )
+                    (upstream, repo, endpoint, query, body, json.dumps(headers), now),
+                ),
+                (
+                    "DELETE FROM listings WHERE upstream = ? AND checked < ?",
+                    (upstream, now - keep_for),
+                ),
             ]
         )
 

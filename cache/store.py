@@ -445,10 +445,12 @@ class Cache:
         query: str,
         body: bytes,
         headers: dict[str, str],
+        keep_for: float,
     ) -> None:
-        """Remember upstream's answer; on a full disk it was served, just not remembered."""
+        """Remember upstream's answer, and forget its answers not renewed for `keep_for`;
+        on a full disk the answer was served, just not remembered."""
         try:
-            await self.index.set_listing(upstream, repo, endpoint, query, body, headers)
+            await self.index.set_listing(upstream, repo, endpoint, query, body, headers, keep_for)
         except DiskFull:
             self._note_disk_full(f"{repo}/{endpoint}")
 

@@ -194,7 +194,8 @@ async def _services(
         if warm:
             warmer = Warmer(app[CONFIG], app[MANIFESTS], app[BLOBS])
             tasks.spawn(warm_all(warmer, warm), name="warm")
-    app[LISTINGS] = ListingService(app[CACHE], app[UPSTREAM], app[MANIFESTS], clock)
+    blob_ttl = app[CONFIG].cache.blob_ttl  # how long listings upstream no longer renews stay
+    app[LISTINGS] = ListingService(app[CACHE], app[UPSTREAM], app[MANIFESTS], blob_ttl, clock)
     yield
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(5):

@@ -74,9 +74,11 @@ class ListingService:
         cache: Cache,
         client: UpstreamClient,
         manifests: ManifestService,
+        keep_for: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cache = cache
+        self.keep_for = keep_for  # blob_ttl: answers not renewed that long are dropped
         self.client = client
         self.manifests = manifests
         self.clock = clock
@@ -133,7 +135,7 @@ class ListingService:
             log.warning("serving stored %s of %s, upstream failed: %s", endpoint, target.key, exc)
             return _for_client(target, stored.body, stored.headers, "stale", 0.0)  # already due
         await self.cache.set_listing(
-            upstream.name, repo, endpoint, query, fetched.body, fetched.headers
+            upstream.name, repo, endpoint, query, fetched.body, fetched.headers, self.keep_for
         )
         return _for_client(target, fetched.body, fetched.headers, "miss", ttl)
 

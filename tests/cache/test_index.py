@@ -108,7 +108,9 @@ async def test_a_version_2_index_gains_listings_and_subjects_to_be_read(tmp_path
             }
         ]
         assert await index.referrers("docker.io", "library/other", "sha256:ff") == []
-        await index.set_listing("docker.io", "library/app", "tags/list", "", b"{}", {"Link": "<x>"})
+        await index.set_listing(
+            "docker.io", "library/app", "tags/list", "", b"{}", {"Link": "<x>"}, keep_for=60
+        )
         row = await index.listing("docker.io", "library/app", "tags/list", "")
         assert row is not None and (row.body, row.headers) == (b"{}", {"Link": "<x>"})
         # A referrer goes with its blob.
@@ -120,6 +122,25 @@ async def test_a_version_2_index_gains_listings_and_subjects_to_be_read(tmp_path
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         # Only subjects of rows still indexed were recorded.
         assert db.execute("SELECT count(*) FROM subjects").fetchone() == (0,)
+
+
+async def test_listings_not_renewed_are_dropped_when_their_upstream_answers_again(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    index = Index(tmp_path / "index.db", clock=lambda: now[0])
+    await index.open()
+    try:
+        for upstream, repo in (("a.io", "old"), ("b.io", "down")):
+            await index.set_listing(upstream, repo, "tags/list", "", b"1", {}, keep_for=60)
+        now[0] += 61
+        await index.set_listing("a.io", "new", "tags/list", "", b"2", {}, keep_for=60)
+        assert await index.listing("a.io", "old", "tags/list", "") is None
+        # b.io gave no answer since (it may be down): its answers stay for its outage.
+        assert await index.listing("b.io", "down", "tags/list", "") is not None
+        assert await index.listing("a.io", "new", "tags/list", "") is not None
+    finally:
+        await index.close()
 
 
 async def test_a_new_index_has_no_chores(tmp_path: Path) -> None:
