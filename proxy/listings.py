@@ -11,10 +11,12 @@ another repository.
     any                      404 (no such repository)        NAME_UNKNOWN; stored pages dropped
     older                    fails (UpstreamFailed)          the stored answer (stale)
     none                     fails                           referrers: built from the cache
-                                                             (stale), if it knows the subject;
-                                                             else upstream's error
-    referrers, any           404 that is no OCI NAME_UNKNOWN built from the cache (hit)
-                             (it has no referrers API)
+                                                             (stale), if it holds the subject
+                                                             or a referrer of it for this
+                                                             repository; else upstream's error
+    referrers, any           404 that is no OCI NAME_UNKNOWN built from the cache (hit); the
+                             (it has no referrers API)       upstream is not asked again for
+                                                             its listing_ttl
 
 "Built from the cache" follows OCI distribution 1.1: an image index of the descriptors
 of the stored manifests, linked to this repository, whose `subject` is the digest, plus
