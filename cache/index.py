@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -18,8 +19,9 @@ from pathlib import Path
 import aiosqlite
 
 from cache.errors import DiskFull, StoreClosed
+from cache.referrers import Reference, Referrer
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Upstream's latest answer for a tag, one row per set of media types a client accepted:
 # a client that takes an index and one that takes only image manifests may be given
 # different manifests for one tag, and each answer has its own age.
@@ -35,6 +37,43 @@ CREATE TABLE tags (
     PRIMARY KEY (upstream, repo, tag, accept)
 ) WITHOUT ROWID;
 """
+# Upstream's latest answer to a tags/list or referrers request, per query string (each
+# page of a paginated list is its own answer), with the headers passed on to clients
+# (Link as upstream sent it: the proxy rewrites it for each client's spelling of the name).
+# Served within listing_ttl, and when upstream fails. Not blobs: they count against no
+# budget; an answer upstream has not renewed for blob_ttl is dropped when that upstream
+# next gives one (so never during its outage).
+_LISTINGS = """
+CREATE TABLE listings (
+    upstream TEXT NOT NULL,
+    repo     TEXT NOT NULL,
+    endpoint TEXT NOT NULL,         -- 'tags/list' or 'referrers/<digest>'
+    query    TEXT NOT NULL,         -- the query sent upstream, sorted and encoded
+    body     BLOB NOT NULL,
+    headers  TEXT NOT NULL,         -- JSON object of the headers passed on
+    checked  REAL NOT NULL,         -- when upstream gave this answer
+    PRIMARY KEY (upstream, repo, endpoint, query)
+);
+CREATE INDEX listings_by_checked ON listings (upstream, checked);
+"""
+# For each stored manifest that has an OCI 1.1 `subject`: the digest it refers to, and
+# what a referrers index says of it (cache/referrers.py). Rows go with their blob.
+_SUBJECTS = """
+CREATE TABLE subjects (
+    digest        TEXT PRIMARY KEY, -- the manifest that refers
+    subject       TEXT NOT NULL,    -- the digest it refers to
+    artifact_type TEXT,
+    annotations   TEXT              -- JSON object
+) WITHOUT ROWID;
+CREATE INDEX subjects_by_subject ON subjects (subject);
+"""
+# Work a migration leaves for `cache.store.Cache.open`, which can read the blob files
+# that SQL can't: a row stays until that work is done, so a crash in between redoes it.
+_CHORES = """
+CREATE TABLE chores (name TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+# The chore of indexing the subjects of manifests stored before version 3.
+INDEX_SUBJECTS = "index_subjects"
 SCHEMA = f"""
 CREATE TABLE blobs (
     digest      TEXT PRIMARY KEY,
@@ -54,7 +93,7 @@ CREATE TABLE repo_blobs (
     PRIMARY KEY (upstream, repo, digest)
 ) WITHOUT ROWID;
 CREATE INDEX repo_blobs_by_digest ON repo_blobs (digest);
-{_TAGS}"""
+{_TAGS}{_LISTINGS}{_SUBJECTS}{_CHORES}"""
 # Scripts that bring an index of version N to N + 1.
 MIGRATIONS = {
     # Version 1 kept one tag row per media type, not per Accept. Those rows can't say
@@ -65,6 +104,12 @@ ALTER TABLE tags RENAME TO tags_v1;
 INSERT INTO tags SELECT upstream, repo, tag, 'v1:' || media_type, media_type, digest, checked
     FROM tags_v1;
 DROP TABLE tags_v1;
+""",
+    # Version 2 did not keep listings or subjects. The subjects of the manifests already
+    # stored are read from their files at the next open (the chore).
+    2: f"""
+{_LISTINGS}{_SUBJECTS}{_CHORES}
+INSERT INTO chores (name) VALUES ('{INDEX_SUBJECTS}');
 """,
 }
 # The eviction queries: they must walk blobs_by_last_access, never sort the whole table
@@ -81,6 +126,13 @@ class BlobRow:
     digest: str
     size: int
     media_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListingRow:
+    body: bytes
+    headers: dict[str, str]
+    checked: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +220,16 @@ class Index:
                 await db.execute(sql, params)
 
     async def add_blob(
-        self, digest: str, size: int, media_type: str | None, upstream: str, repo: str
+        self,
+        digest: str,
+        size: int,
+        media_type: str | None,
+        upstream: str,
+        repo: str,
+        reference: Reference | None = None,
     ) -> bool:
-        """Index a stored blob; True if it is new (and so adds to the cache's size)."""
+        """Index a stored blob (with the subject it refers to, for a manifest that has
+        one); True if it is new (and so adds to the cache's size)."""
         now = self.clock()
         async with self._transaction() as db:
             cursor = await db.execute(
@@ -189,6 +248,8 @@ class Index:
                 "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
                 (upstream, repo, digest),
             )
+            if reference is not None:
+                await db.execute(_ADD_SUBJECT, _subject_row(digest, reference))
         return added
 
     async def adopt(self, digest: str, size: int) -> None:
@@ -247,6 +308,7 @@ class Index:
             await db.executemany("DELETE FROM blobs WHERE digest = ?", rows)
             await db.executemany("DELETE FROM repo_blobs WHERE digest = ?", rows)
             await db.executemany("DELETE FROM tags WHERE digest = ?", rows)
+            await db.executemany("DELETE FROM subjects WHERE digest = ?", rows)
         return removed
 
     async def usage(self) -> tuple[int, int]:
@@ -321,6 +383,102 @@ class Index:
         ) as cursor:
             rows = await cursor.fetchall()
         return [(r[0], r[1]) for r in rows]
+
+    # -- listings and referrers ---------------------------------------------------
+
+    async def listing(
+        self, upstream: str, repo: str, endpoint: str, query: str
+    ) -> ListingRow | None:
+        async with self.db.execute(
+            "SELECT body, headers, checked FROM listings"
+            " WHERE upstream = ? AND repo = ? AND endpoint = ? AND query = ?",
+            (upstream, repo, endpoint, query),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return ListingRow(row[0], json.loads(row[1]), row[2]) if row else None
+
+    async def set_listing(
+        self,
+        upstream: str,
+        repo: str,
+        endpoint: str,
+        query: str,
+        body: bytes,
+        headers: dict[str, str],
+        keep_for: float,
+    ) -> None:
+        """Store an answer, and drop this upstream's answers older than `keep_for`."""
+        now = self.clock()
+        await self._write(
+            [
+                (
+                    "INSERT OR REPLACE INTO listings"
+                    " (upstream, repo, endpoint, query, body, headers, checked)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (upstream, repo, endpoint, query, body, json.dumps(headers), now),
+                ),
+                (
+                    "DELETE FROM listings WHERE upstream = ? AND checked < ?",
+                    (upstream, now - keep_for),
+                ),
+            ]
+        )
+
+    async def drop_listings(self, upstream: str, repo: str, endpoint: str) -> None:
+        """Forget every page of an endpoint's answers (upstream says there is no such thing)."""
+        await self._write(
+            [
+                (
+                    "DELETE FROM listings WHERE upstream = ? AND repo = ? AND endpoint = ?",
+                    (upstream, repo, endpoint),
+                )
+            ]
+        )
+
+    async def referrers(self, upstream: str, repo: str, subject: str) -> list[Referrer]:
+        """Stored manifests linked to (upstream, repo) whose subject is `subject`."""
+        async with self.db.execute(
+            "SELECT s.digest, b.media_type, b.size, s.artifact_type, s.annotations"
+            " FROM subjects s JOIN blobs b ON b.digest = s.digest"
+            " JOIN repo_blobs r ON r.digest = s.digest AND r.upstream = ? AND r.repo = ?"
+            " WHERE s.subject = ? AND b.media_type IS NOT NULL ORDER BY s.digest",
+            (upstream, repo, subject),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [Referrer(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def chore_pending(self, name: str) -> bool:
+        async with self.db.execute("SELECT 1 FROM chores WHERE name = ?", (name,)) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def manifests_but_docker(self) -> list[str]:
+        """Digests of stored manifests that may have a subject: Docker's formats can't."""
+        async with self.db.execute(
+            "SELECT digest FROM blobs WHERE media_type IS NOT NULL"
+            " AND media_type NOT LIKE 'application/vnd.docker.%'"
+        ) as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def finish_indexing_subjects(self, found: dict[str, Reference]) -> None:
+        """Record the subjects read from stored manifests, and that the chore is done."""
+        async with self._transaction() as db:
+            await db.executemany(
+                # Only for rows still there: eviction may have run while the files were read.
+                "INSERT OR IGNORE INTO subjects (digest, subject, artifact_type, annotations)"
+                " SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ?1)",
+                [_subject_row(digest, reference) for digest, reference in found.items()],
+            )
+            await db.execute("DELETE FROM chores WHERE name = ?", (INDEX_SUBJECTS,))
+
+
+_ADD_SUBJECT = (
+    "INSERT OR IGNORE INTO subjects (digest, subject, artifact_type, annotations)"
+    " VALUES (?, ?, ?, ?)"
+)
+
+
+def _subject_row(digest: str, reference: Reference) -> tuple[str, str, str | None, str | None]:
+    return (digest, reference.subject, reference.artifact_type, reference.annotations)
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:

@@ -26,10 +26,11 @@ from typing import Literal
 from cachetools import LRUCache
 
 from cache.digests import Digest
-from cache.errors import DISK_FULL_ERRNOS, DiskFull, StoreClosed
+from cache.errors import DISK_FULL_ERRNOS, DiskFull, InvalidDigest, StoreClosed
 from cache.files import BlobFiles
 from cache.fill import Fill
-from cache.index import BlobRow, Index, TagRow
+from cache.index import INDEX_SUBJECTS, BlobRow, Index, ListingRow, TagRow
+from cache.referrers import Reference, Referrer, reference_of
 
 log = logging.getLogger("pullthrough.cache")
 
@@ -100,8 +101,37 @@ class Cache:
             raise StoreClosed(f"cache is {self._state}")
         await asyncio.to_thread(self.files.prepare, clear_debris)
         await self.index.open()
-        await self.recount()
+        try:
+            await self.recount()
+            await self._index_subjects()
+        except BaseException:
+            await self.index.close()  # its thread would keep the process alive
+            raise
         self._state = "open"
+
+    async def _index_subjects(self) -> None:
+        """Manifests stored before the index kept subjects: read them once (the files
+        are small, and Docker's formats, most of a cache, are skipped unread)."""
+        if not await self.index.chore_pending(INDEX_SUBJECTS):
+            return
+        digests = await self.index.manifests_but_docker()
+        found = await asyncio.to_thread(self._read_references, digests)
+        await self.index.finish_indexing_subjects(found)
+        log.info(
+            "indexed the subjects of %d stored manifests (of %d read)", len(found), len(digests)
+        )
+
+    def _read_references(self, digests: list[str]) -> dict[str, Reference]:
+        found = {}
+        for digest in digests:
+            try:
+                data = self.files.read_bytes(Digest.parse(digest))
+            except InvalidDigest:  # no file can be named by it: reconciliation drops it
+                continue
+            reference = reference_of(data) if data is not None else None
+            if reference is not None:
+                found[digest] = reference
+        return found
 
     @property
     def used(self) -> int:
@@ -317,9 +347,15 @@ class Cache:
         await asyncio.gather(*(f.settled.wait() for f in self._fills.values() if f.verified))
 
     async def _indexed(
-        self, digest: str, size: int, media_type: str | None, upstream: str, repo: str
+        self,
+        digest: str,
+        size: int,
+        media_type: str | None,
+        upstream: str,
+        repo: str,
+        reference: Reference | None = None,
     ) -> None:
-        if await self.index.add_blob(digest, size, media_type, upstream, repo):
+        if await self.index.add_blob(digest, size, media_type, upstream, repo, reference):
             self._used += size
             self._count += 1
             if self._used > self.budget.max_size * self.budget.high_watermark:
@@ -358,7 +394,8 @@ class Cache:
         full, they are served but not stored."""
         try:
             await asyncio.to_thread(self.files.write, digest, data)
-            await self._indexed(str(digest), len(data), media_type, upstream, repo)
+            reference = reference_of(data)
+            await self._indexed(str(digest), len(data), media_type, upstream, repo, reference)
         except DiskFull:
             await asyncio.to_thread(self.files.remove, digest)
             self._note_disk_full(f"manifest {digest}")
@@ -392,3 +429,35 @@ class Cache:
 
     async def repositories(self) -> list[tuple[str, str]]:
         return await self.index.repositories()
+
+    # -- listings: tags/list and referrers answers -----------------------------------
+
+    async def listing(
+        self, upstream: str, repo: str, endpoint: str, query: str
+    ) -> ListingRow | None:
+        return await self.index.listing(upstream, repo, endpoint, query)
+
+    async def set_listing(
+        self,
+        upstream: str,
+        repo: str,
+        endpoint: str,
+        query: str,
+        body: bytes,
+        headers: dict[str, str],
+        keep_for: float,
+    ) -> None:
+        """Remember upstream's answer, and forget its answers not renewed for `keep_for`;
+        on a full disk the answer was served, just not remembered."""
+        try:
+            await self.index.set_listing(upstream, repo, endpoint, query, body, headers, keep_for)
+        except DiskFull:
+            self._note_disk_full(f"{repo}/{endpoint}")
+
+    async def drop_listings(self, upstream: str, repo: str, endpoint: str) -> None:
+        with contextlib.suppress(DiskFull):  # a later answer replaces them anyway
+            await self.index.drop_listings(upstream, repo, endpoint)
+
+    async def referrers(self, upstream: str, repo: str, subject: Digest) -> list[Referrer]:
+        """Stored manifests that (upstream, repo) may be served whose subject is `subject`."""
+        return await self.index.referrers(upstream, repo, str(subject))

@@ -12,7 +12,8 @@ and `cache` (storage) never imports from `proxy`.
     lookup rules     manifests.py    by digest / by tag, TTLs, stale-if-error
                      blobs.py        stored / filling / download, one download per blob
                      links.py        which (upstream, repository) may be served a digest
-                     passthrough.py  tag lists and referrers, asked upstream every time
+                     listings.py     tag lists and referrers: stored, TTLs, stale-if-error,
+                                     referrers built from the cache (OCI 1.1 fallback)
                      routing.py      which upstream and repository a name means
                      references.py   strict parsing of names, tags and digests (ranges.py)
     upstream         upstream.py     requests, redirects, and their bookkeeping (metrics, breaker)

@@ -32,19 +32,19 @@ from proxy.keys import (
     CACHE,
     CONFIG,
     EVICTOR,
+    LISTINGS,
     MANIFESTS,
     METRICS,
-    PASSTHROUGH,
     SENDER,
     SESSION,
     TASKS,
     UPSTREAM,
 )
+from proxy.listings import ListingService
 from proxy.logs import quiet_protocol_errors
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
-from proxy.passthrough import Passthrough
 from proxy.reload import LiveConfig, Reloader
 from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
@@ -213,7 +213,10 @@ async def _services(
         if warm:
             warmer = Warmer(config, app[MANIFESTS], app[BLOBS])
             tasks.spawn(warm_all(warmer, warm), name="warm")
-    app[PASSTHROUGH] = Passthrough(app[UPSTREAM])
+    blob_ttl = app[
+        CONFIG
+    ].current.cache.blob_ttl  # how long listings upstream no longer renews stay
+    app[LISTINGS] = ListingService(app[CACHE], app[UPSTREAM], app[MANIFESTS], blob_ttl, clock)
     yield
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(5):

@@ -72,7 +72,9 @@ _SIZE_UNITS = {
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Per-upstream settings that `upstream_defaults` may set for all upstreams at once.
-_TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl")
+_TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl", "listing_ttl")
+# Of those, the lifetimes whose 0 means "always ask upstream".
+_MAY_BE_ZERO = ("manifest_ttl", "listing_ttl")
 _TAG_TTL_KEYS = {"match", "ttl", "immutable"}
 # An upstream name is the registry host clients ask for: a hostname, optionally with a port.
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
@@ -469,7 +471,7 @@ def _credential_helper(raw: dict[str, Any], path: str, has_password: bool) -> st
 def _tunables(raw: dict[str, Any], path: str, defaults: dict[str, Any]) -> dict[str, float]:
     values = {key: raw.get(key, _get(defaults, UpstreamConfig, key)) for key in _TUNABLE}
     return {
-        key: parse_duration(value, f"{path}.{key}", allow_zero=key == "manifest_ttl")
+        key: parse_duration(value, f"{path}.{key}", allow_zero=key in _MAY_BE_ZERO)
         for key, value in values.items()
     }
 

@@ -8,7 +8,8 @@ import json
 from aiohttp import web
 
 from proxy.errors import NameInvalid, Unsupported
-from proxy.keys import BLOBS, CACHE, CONFIG, MANIFESTS, METRICS, PASSTHROUGH
+from proxy.keys import BLOBS, CACHE, CONFIG, LISTINGS, MANIFESTS, METRICS
+from proxy.listings import Listing
 from proxy.manifests import Accept
 from proxy.metrics import metrics_response
 from proxy.observe import note_lookup
@@ -108,16 +109,26 @@ async def blob(request: web.Request) -> web.StreamResponse:
 async def tags(request: web.Request) -> web.Response:
     target = _target(request)
     params = {k: request.query[k] for k in ("n", "last") if k in request.query}
-    listing = await request.app[PASSTHROUGH].tags(target, params)
-    return web.Response(body=listing.body, headers=_headers(target) | listing.headers)
+    listing = await request.app[LISTINGS].tags(target, params)
+    return _listing_response(request, target, "tags", listing)
 
 
 async def referrers(request: web.Request) -> web.Response:
     target = _target(request)
     digest = parse_digest(request.match_info["digest"])
-    params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
-    listing = await request.app[PASSTHROUGH].referrers(target, str(digest), params)
-    return web.Response(body=listing.body, headers=_headers(target) | listing.headers)
+    # Every parameter but ns goes upstream: a pagination Link may carry any of them.
+    params = {k: v for k, v in request.query.items() if k != "ns"}
+    listing = await request.app[LISTINGS].referrers(target, digest, params)
+    return _listing_response(request, target, "referrers", listing)
+
+
+def _listing_response(
+    request: web.Request, target: Target, kind: str, listing: Listing
+) -> web.Response:
+    note_lookup(request, kind, target.upstream.name, listing.result)
+    headers = _headers(target) | listing.headers
+    headers["Cache-Control"] = _cache_control(listing.fresh_for)
+    return web.Response(body=listing.body, headers=headers)
 
 
 async def catalog(request: web.Request) -> web.Response:

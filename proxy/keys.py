@@ -7,9 +7,9 @@ from aiohttp import ClientSession, web
 from cache.eviction import Evictor
 from cache.store import Cache
 from proxy.blobs import BlobService
+from proxy.listings import ListingService
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
-from proxy.passthrough import Passthrough
 from proxy.reload import LiveConfig
 from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
@@ -25,5 +25,5 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 TASKS = web.AppKey("tasks", BackgroundTasks)
 MANIFESTS = web.AppKey("manifests", ManifestService)
 BLOBS = web.AppKey("blobs", BlobService)
-PASSTHROUGH = web.AppKey("passthrough", Passthrough)
+LISTINGS = web.AppKey("listings", ListingService)
 SENDER = web.AppKey("sender", FileSender)

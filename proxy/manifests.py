@@ -171,6 +171,12 @@ class ManifestService:
             log.log(level, "serving cached %s:%s, upstream failed: %s", target.key, tag, exc)
             return replace(stale, result="stale", fresh_for=0.0)  # already due
 
+    async def stored_tag(self, target: Target, tag: str, accept: Accept) -> Manifest | None:
+        """The newest stored answer for `tag` that this client accepts, whatever its age,
+        without asking upstream: for callers that already know upstream is failing."""
+        rows = await self.cache.tag_answers(target.upstream.name, target.repo, tag)
+        return await self._newest_accepted(rows, accept)
+
     async def _cached(self, row: TagRow) -> Manifest | None:
         digest = Digest.parse(row.digest)
         cached = await self.cache.get_manifest(digest)

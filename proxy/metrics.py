@@ -144,6 +144,7 @@ class Metrics:
         for upstream in upstreams:
             for kind in ("manifest", "blob"):
                 self.digest_mismatches.labels(kind, upstream)
+            for kind in ("manifest", "blob", "tags", "referrers"):
                 for result in get_args(LookupResult):
                     self.cache_requests.labels(kind, upstream, result)
             for error in ("unreachable", "server_error", "rate_limited", "bad_response"):

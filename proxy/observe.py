@@ -46,7 +46,7 @@ Networks = Sequence[IPv4Network | IPv6Network]
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    kind: str  # manifest or blob
+    kind: str  # manifest, blob, tags or referrers
     upstream: str
     result: LookupResult
 

@@ -98,6 +98,10 @@ class UpstreamConfig:
             "never contact this upstream, only serve what is cached (unset: the global offline)"
         ),
     )
+    listing_ttl: float = field(
+        default=300.0,
+        metadata=_help("seconds a tags/list or referrers answer is served without asking upstream"),
+    )
     allow: tuple[str, ...] = field(
         default=(), metadata=_help("glob patterns of repositories served (empty: all)")
     )
