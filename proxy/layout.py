@@ -13,8 +13,14 @@ An image's entry in index.json carries these annotations:
     io.pullthrough.source               UPSTREAM/REPOSITORY it was cached from, as the
                                         mirror's config names the upstream, e.g.
                                         docker.io/library/alpine
+    io.pullthrough.manifest             only on a wrapper (below): the digest of the
+                                        Docker manifest or manifest list it wraps
 
-Manifests are kept byte for byte, so every digest stays upstream's.
+Manifests are kept byte for byte, so every digest stays upstream's. That includes Docker
+ones, though readers such as skopeo take only OCI types in index.json: a Docker image is
+listed there through a wrapper, a small OCI index whose children are the Docker list's
+(or the one Docker manifest). The wrapped bytes are in blobs/ too,
+and `import` takes them, not the wrapper.
 """
 
 from __future__ import annotations
@@ -27,13 +33,22 @@ from typing import Any, TextIO
 
 from cache.digests import Digest
 from cache.errors import InvalidDigest
-from proxy.manifests import DOCKER_MANIFEST, INDEX_TYPES, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
+from proxy.manifests import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
 LAYOUT_VERSION = "1.0.0"
 REF_NAME = "org.opencontainers.image.ref.name"
 SOURCE = "io.pullthrough.source"
+WRAPS = "io.pullthrough.manifest"
+DOCKER_TYPES = (DOCKER_MANIFEST, DOCKER_LIST)
 IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 MANIFEST_TYPES = IMAGE_TYPES + INDEX_TYPES
 MAX_DEPTH = 4  # an index of indexes of ... : deeper than any real image nests
@@ -151,6 +166,19 @@ def layout_files(entries: list[Descriptor]) -> dict[str, bytes]:
         LAYOUT_FILE: json.dumps({"imageLayoutVersion": LAYOUT_VERSION}).encode(),
         INDEX_FILE: json.dumps(index, indent=2).encode(),
     }
+
+
+def wrap(entry: Descriptor, data: bytes) -> tuple[Descriptor, bytes]:
+    """An OCI index around a Docker manifest list (its children, with their platforms)
+    or a Docker manifest (itself, with no platform: a reader then takes it whatever its
+    own platform, as it would take a manifest listed directly)."""
+    if entry.media_type == DOCKER_LIST:
+        kids = parse_json(data, f"index {entry.digest}")["manifests"]
+    else:
+        kids = [Descriptor(entry.media_type, entry.digest, entry.size).to_json()]
+    body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kids}
+    data = json.dumps(body, indent=2).encode()
+    return Descriptor(OCI_INDEX, Digest.of(data), len(data)), data
 
 
 def blob_name(digest: Digest) -> str:

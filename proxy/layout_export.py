@@ -33,8 +33,10 @@ from cache.store import Cache
 from proxy.config import Config
 from proxy.errors import RegistryError
 from proxy.layout import (
+    DOCKER_TYPES,
     REF_NAME,
     SOURCE,
+    WRAPS,
     Bars,
     Descriptor,
     LayoutError,
@@ -43,6 +45,7 @@ from proxy.layout import (
     children,
     layout_files,
     walk,
+    wrap,
 )
 from proxy.layout_files import LayoutWriter, check_output, open_writer
 from proxy.manifests import INDEX_TYPES
@@ -101,6 +104,11 @@ class Exporter:
             annotations = {SOURCE: f"{target.upstream.name}/{target.repo}"}
             if isinstance(reference, str):
                 annotations[REF_NAME] = reference
+            if entry.media_type in DOCKER_TYPES and not walked.missing:
+                data = walked.manifests[entry.digest][1]
+                annotations[WRAPS] = str(entry.digest)
+                entry, wrapper = wrap(entry, data)
+                plan.manifests[entry.digest] = wrapper
             entry = replace(entry, annotations=annotations)
             if entry not in plan.entries:
                 plan.entries.append(entry)

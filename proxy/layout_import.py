@@ -39,17 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.digests import Digest
-from cache.errors import DiskFull, FillFailed
+from cache.errors import DiskFull, FillFailed, InvalidDigest
 from cache.eviction import Evictor
 from cache.index import BlobRow, TagAnswer
 from cache.store import Cache
 from proxy.config import Config
 from proxy.errors import RegistryError
 from proxy.layout import (
+    DOCKER_TYPES,
     INDEX_FILE,
     LAYOUT_FILE,
     REF_NAME,
     SOURCE,
+    WRAPS,
     Bars,
     Descriptor,
     LayoutError,
@@ -57,6 +59,7 @@ from proxy.layout import (
     check_layout_file,
     index_entries,
     mb,
+    parse_json,
     walk,
 )
 from proxy.layout_files import LayoutReader, open_reader
@@ -260,7 +263,27 @@ def _entries(reader: LayoutReader) -> list[Descriptor]:
     entries = index_entries(index)
     if not entries:
         raise LayoutError(f"the layout holds no images ({INDEX_FILE} lists none)")
-    return entries
+    return [_unwrapped(reader, entry) for entry in entries]
+
+
+def _unwrapped(reader: LayoutReader, entry: Descriptor) -> Descriptor:
+    """The Docker manifest or list an export's wrapper stands for (proxy/layout.py), with
+    the wrapper's annotations; any other entry as it is."""
+    wrapped = entry.annotations.get(WRAPS)
+    if wrapped is None:
+        return entry
+    where = f"{INDEX_FILE} entry {entry.describe()}"
+    try:
+        digest = Digest.parse(wrapped)
+    except InvalidDigest:
+        raise LayoutError(f"{where}: {WRAPS} {wrapped[:80]!r} is not a digest") from None
+    data = reader.read_small(blob_name(digest), MAX_MANIFEST_SIZE)
+    if data is None:
+        raise LayoutError(f"the layout is missing manifest {digest}, which {where} wraps")
+    media_type = parse_json(data, f"manifest {digest}").get("mediaType")
+    if media_type not in DOCKER_TYPES:
+        raise LayoutError(f"{where} wraps {digest}, which is not a Docker manifest or list")
+    return Descriptor(str(media_type), digest, len(data), None, entry.annotations)
 
 
 def name_entries(config: Config, entries: list[Descriptor], as_image: str | None) -> list[Named]:
