@@ -17,10 +17,11 @@ mirror can be seeded where no upstream is reachable.
 
 Naming. An entry written by `pullthrough export` says where it comes from: the
 `io.pullthrough.source` annotation (UPSTREAM/REPOSITORY, the upstream as this mirror's
-config names it) and `org.opencontainers.image.ref.name` (the tag). Any other layout (one
-written by skopeo has only the tag) needs `--as IMAGE`, in `warm`'s notation: the image
-the layout stands for. --as picks one image: the only one in the layout, or else the one
-whose ref.name is --as's tag (or whose digest is --as's digest).
+config names it) and `org.opencontainers.image.ref.name` (the tag); an export's wrapper
+of a Docker image stands for the manifest it wraps (proxy/layout.py). Any other layout
+(one written by skopeo has only the tag) needs `--as IMAGE`, in `warm`'s notation: the
+image the layout stands for. --as picks one image: the only one in the layout, or else
+the one whose ref.name is --as's tag (or whose digest is --as's digest).
 
 Each image's content is linked to its repository, so the scoping rule serves it there
 without asking upstream, and its tag's answer, recorded for any Accept, replaces the

@@ -15,6 +15,7 @@ from tests.upstream.images import Image
 
 REF_NAME = "org.opencontainers.image.ref.name"
 SOURCE = "io.pullthrough.source"
+WRAPS = "io.pullthrough.manifest"
 
 
 def all_manifests(image: Image) -> list[Image]:

@@ -17,6 +17,7 @@ import pytest
 from tests.layouts import (
     REF_NAME,
     SOURCE,
+    WRAPS,
     blob_path,
     member,
     names,
@@ -25,7 +26,15 @@ from tests.layouts import (
     write_layout,
 )
 from tests.proxy.test_cli import run
-from tests.upstream.images import OCI_INDEX, OCI_MANIFEST, Image, build_image, build_index
+from tests.upstream.images import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    build_image,
+    build_index,
+)
 from tests.upstream.registry import free_port
 
 APP = build_image("layout/app", OCI_MANIFEST)
@@ -423,3 +432,42 @@ async def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
     assert f"{APP.layers[2].digest}  0.3 MB  imported" in text
     code, plain = await run("export", "app:v1", "-o", str(tmp_path / "out.tar"), cwd=workdir)
     assert code == 0 and "\r" not in plain and len(plain.strip().splitlines()) == 1, plain
+
+
+@pytest.mark.parametrize("kind", [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST])
+async def test_docker_images_travel_wrapped_and_come_back_as_upstream_sent_them(
+    tmp_path: Path, kind: str
+) -> None:
+    image = (build_image if kind == DOCKER_MANIFEST else build_index)("layout/docker", kind)
+    here, there = configure(tmp_path / "here"), configure(tmp_path / "there")
+    # As containerd's export writes it: the Docker type right in index.json.
+    layout = write_layout(tmp_path / "layout", [(image, FROM_US)])
+    assert (await run("import", str(layout), cwd=here))[0] == 0
+    code, out = await run("export", "app:v1", "-o", str(tmp_path / "out"), cwd=here)
+    assert code == 0, out
+
+    (entry,), blobs = read_layout(tmp_path / "out")
+    assert entry["mediaType"] == OCI_INDEX
+    assert entry["annotations"] == {**FROM_US, WRAPS: image.digest}
+    wrapper = json.loads(blobs[entry["digest"]])
+    if kind == DOCKER_MANIFEST:  # no platform: any reader takes it, as a plain entry
+        assert wrapper["manifests"] == [
+            {"mediaType": kind, "digest": image.digest, "size": image.size}
+        ]
+    else:
+        assert wrapper["manifests"] == json.loads(image.manifest)["manifests"]
+    assert set(blobs) == digests(image) | {entry["digest"]}
+
+    code, out = await run("import", str(tmp_path / "out"), cwd=there)
+    assert code == 0 and f"imported docker.io/library/app:v1 ({image.digest})" in out, out
+    assert stored(there) == digests(image)  # the wrapper is not part of the image
+    assert rows(there, "SELECT media_type, digest FROM tags") == [(kind, image.digest)]
+
+    # A wrapper must wrap a Docker manifest: here it names a config blob.
+    config = image.config or image.children[0].config
+    assert config is not None
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    index["manifests"][0]["annotations"][WRAPS] = config.digest
+    (tmp_path / "out" / "index.json").write_text(json.dumps(index))
+    code, out = await run("import", str(tmp_path / "out"), cwd=configure(tmp_path / "third"))
+    assert_refused(code, out, f"wraps {config.digest}, which is not a Docker manifest or list")
