@@ -89,32 +89,34 @@ class Exporter:
         missing, before anything is written."""
         plan, missing = Plan(), list[str]()
         for image in images:
-            target, reference = _parse(self.config, image)
-            found = await self._top(target, reference, image, missing)
-            if found is None:
-                continue
-            entry = self._select(image, *found)
-            walked = await walk(entry, partial(self._read, target))
-            missing += [f"{image}: {d.describe()}" for d in walked.missing]
-            for digest, blob in walked.blobs.items():
-                if not await self._has(target, digest):
-                    missing.append(f"{image}: blob {digest}")
-                plan.blobs[digest] = blob.size
-            plan.manifests.update((d, data) for d, (_, data) in walked.manifests.items())
-            annotations = {SOURCE: f"{target.upstream.name}/{target.repo}"}
-            if isinstance(reference, str):
-                annotations[REF_NAME] = reference
-            if entry.media_type in DOCKER_TYPES and not walked.missing:
-                data = walked.manifests[entry.digest][1]
-                annotations[WRAPS] = str(entry.digest)
-                entry, wrapper = wrap(entry, data)
-                plan.manifests[entry.digest] = wrapper
-            entry = replace(entry, annotations=annotations)
-            if entry not in plan.entries:
-                plan.entries.append(entry)
+            await self._add(plan, image, missing)
         if missing:
             raise NotCached(_missing_message(missing, self.platform is None))
         return plan
+
+    async def _add(self, plan: Plan, image: str, missing: list[str]) -> None:
+        target, reference = _parse(self.config, image)
+        found = await self._top(target, reference, image, missing)
+        if found is None:
+            return
+        entry = self._select(image, *found)
+        walked = await walk(entry, partial(self._read, target))
+        missing += [f"{image}: {d.describe()}" for d in walked.missing]
+        for digest, blob in walked.blobs.items():
+            if not await self._has(target, digest):
+                missing.append(f"{image}: blob {digest}")
+            plan.blobs[digest] = blob.size
+        plan.manifests.update((d, data) for d, (_, data) in walked.manifests.items())
+        annotations = {SOURCE: f"{target.upstream.name}/{target.repo}"}
+        if isinstance(reference, str):
+            annotations[REF_NAME] = reference
+        if entry.media_type in DOCKER_TYPES and not walked.missing:
+            annotations[WRAPS] = str(entry.digest)
+            entry, wrapper = wrap(entry, walked.manifests[entry.digest][1])
+            plan.manifests[entry.digest] = wrapper
+        entry = replace(entry, annotations=annotations)
+        if entry not in plan.entries:
+            plan.entries.append(entry)
 
     async def _top(
         self, target: Target, reference: str | Digest, image: str, missing: list[str]

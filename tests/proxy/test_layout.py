@@ -4,14 +4,17 @@ the cache. skopeo's side of it is in tests/e2e/test_layout.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pty
+import signal
 import sqlite3
 import sys
 import tarfile
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.layouts import (
@@ -25,12 +28,15 @@ from tests.layouts import (
     tar_layout,
     write_layout,
 )
+from tests.mirror_process import mirror_processes
 from tests.proxy.test_cli import run
 from tests.upstream.images import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,
+    OCI_LAYER,
     OCI_MANIFEST,
+    Blob,
     Image,
     build_image,
     build_index,
@@ -408,8 +414,6 @@ async def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
     layout = write_layout(tmp_path / "layout", [(APP, FROM_US)])
     primary, secondary = pty.openpty()
     try:
-        import asyncio
-
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "import", str(layout), cwd=workdir,
             stdout=secondary, stderr=secondary,
@@ -471,3 +475,34 @@ async def test_docker_images_travel_wrapped_and_come_back_as_upstream_sent_them(
     (tmp_path / "out" / "index.json").write_text(json.dumps(index))
     code, out = await run("import", str(tmp_path / "out"), cwd=configure(tmp_path / "third"))
     assert_refused(code, out, f"wraps {config.digest}, which is not a Docker manifest or list")
+
+
+async def test_an_import_killed_midway_leaves_a_cache_that_restarts_clean(tmp_path: Path) -> None:
+    workdir = configure(tmp_path / "work")
+    layer = bytes(200 * 1024 * 1024)  # long enough to copy that the kill lands mid-way
+    big = build_image("layout/big", OCI_MANIFEST, layer_sizes=(), extra_layers=((
+        Blob.from_bytes(layer, OCI_LAYER), "sha256:" + "0" * 64),))  # fmt: skip
+    layout = write_layout(tmp_path / "layout", [(big, FROM_US)])
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "import", str(layout), cwd=workdir,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    tmp = workdir / "data" / "tmp"
+    async with asyncio.timeout(30):
+        while not (tmp.is_dir() and names(tmp)):  # noqa: ASYNC110 - a file appearing
+            await asyncio.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert await process.wait() == -signal.SIGKILL
+    assert any(name.endswith(".part") for name in names(tmp))  # caught staging a blob
+
+    async with mirror_processes(workdir, f"http://127.0.0.1:{free_port()}") as make:
+        mirror = make()
+        await mirror.start()  # a start clears tmp/
+        assert mirror.temp_files == []
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{mirror.url}/v2/app/manifests/v1") as response,
+        ):
+            assert response.status == 503  # not imported, and upstream unreachable
+        await mirror.terminate()
+    await assert_nothing_imported(workdir)
