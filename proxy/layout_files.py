@@ -29,6 +29,7 @@ from proxy.layout import LayoutError
 MAX_MEMBERS = 100_000  # far more than any image has blobs; bounds the member table
 GZIP_MAGIC = b"\x1f\x8b"
 TAR_FORMAT = tarfile.PAX_FORMAT
+COPY_CHUNK = 1 << 20
 
 
 class LayoutReader(ABC):
@@ -216,7 +217,7 @@ class DirWriter(LayoutWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("xb") as file:
             left = size
-            while left and (chunk := source.read(min(1 << 20, left))):
+            while left and (chunk := source.read(min(COPY_CHUNK, left))):
                 file.write(chunk)
                 left -= len(chunk)
         if left:
@@ -237,6 +238,7 @@ class TarWriter(LayoutWriter):
         self.file = self.temp.open("xb")
         # Open until commit() or abort().
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=TAR_FORMAT)  # noqa: SIM115
+        self.tar.copybufsize = COPY_CHUNK  # its default, 16 KiB, costs a syscall per 16 KiB
         self.dirs: set[str] = set()
 
     def add(self, name: str, size: int, source: IO[bytes]) -> None:
