@@ -236,8 +236,8 @@ class TarWriter(LayoutWriter):
     def __init__(self, out: Path) -> None:
         super().__init__(out)
         self.file = self.temp.open("xb")
-        # Open until commit() or abort().
-        # Its default copy buffer, 16 KiB, costs two syscalls per 16 KiB.
+        # Open until commit() or abort(); 1 MiB copies, since the default 16 KiB costs
+        # two syscalls per 16 KiB.
         self.tar = tarfile.TarFile(
             fileobj=self.file, mode="w", format=TAR_FORMAT, copybufsize=COPY_CHUNK
         )

@@ -70,7 +70,7 @@ from proxy.routing import Target, resolve
 from proxy.warm import parse_image
 
 SHOWN = 3  # items a message names before "and N more"
-ANY_ACCEPT = Accept([]).key  # the imported answer is every client's
+ANY_ACCEPT = Accept([]).key
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,12 @@ class Named:
     entry: Descriptor
     target: Target
     tag: str | None
+
+    def tag_answer(self) -> TagAnswer:
+        """The tag's answer, for any client: its Accept key is that of 'anything'."""
+        upstream, repo = self.target.link
+        digest = str(self.entry.digest)
+        return TagAnswer(upstream, repo, self.tag or "", ANY_ACCEPT, self.entry.media_type, digest)
 
     def __str__(self) -> str:
         where = f"{self.target.upstream.name}/{self.target.repo}"
@@ -125,11 +131,7 @@ class Importer:
         try:
             await self._make_room(contents, new)
             rows = [BlobRow(str(d), contents.sizes[d], t) for d, t in contents.media_types.items()]
-            tags = [
-                TagAnswer(i.target.upstream.name, i.target.repo, i.tag, ANY_ACCEPT,
-                          i.entry.media_type, str(i.entry.digest))
-                for i in images if i.tag is not None
-            ]  # fmt: skip
+            tags = [image.tag_answer() for image in images if image.tag is not None]
             await self.cache.commit_staged(staged, rows, sorted(contents.links), tags)
         except BaseException:
             self.cache.discard_staged(list(staged.values()))  # those not moved yet
