@@ -131,7 +131,7 @@ class Descriptor:
 def parse_json(data: bytes, where: str) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
         raise LayoutError(f"{where} is not valid JSON") from None
     if not isinstance(doc, dict):
         raise LayoutError(f"{where} is not a JSON object")

@@ -205,6 +205,10 @@ def _break_json(layout: Path) -> None:
     (layout / "index.json").write_text('{"schemaVersion": 2, "manifests": [')
 
 
+def _nest_json(layout: Path) -> None:
+    (layout / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
 def _drop_layout_file(layout: Path) -> None:
     (layout / "oci-layout").unlink()
 
@@ -237,6 +241,7 @@ def _wrong_manifest_digest(layout: Path) -> None:
     ("damage", "message"),
     [
         (_break_json, "index.json is not valid JSON"),
+        (_nest_json, "index.json is not valid JSON"),
         (_drop_layout_file, "not an OCI image layout: no oci-layout or index.json"),
         (_drop_layer, f"the layout is missing blob {APP.layers[0].digest}"),
         (_grow_layer, f"blob {APP.layers[0].digest} is {APP.layers[0].size + 4} bytes in the"),
