@@ -24,7 +24,8 @@ __all__ = ["start_dockerd"]  # the fixture, for pytest to find in this module
 
 
 def unreachable() -> str:
-    """An upstream URL nothing listens on: an air-gapped mirror."""
+    """An upstream URL nothing listens on: an air-gapped mirror (`offline: true` says the
+    same without a closed port)."""
     return f"http://127.0.0.1:{free_port()}"
 
 

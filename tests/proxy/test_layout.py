@@ -5,6 +5,7 @@ the cache. skopeo's side of it is in tests/e2e/test_layout.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -65,7 +66,7 @@ def stored(workdir: Path) -> set[str]:
 
 
 def rows(workdir: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(workdir / "data" / "index.db") as db:
+    with contextlib.closing(sqlite3.connect(workdir / "data" / "index.db")) as db, db:
         return db.execute(sql).fetchall()
 
 
@@ -301,7 +302,8 @@ async def test_an_index_imports_with_every_child_and_replaces_the_tag(tmp_path: 
     workdir = configure(tmp_path)
     old = write_layout(tmp_path / "old", [(APP, {**FROM_US, SOURCE: "docker.io/library/multi"})])
     assert (await run("import", str(old), cwd=workdir))[0] == 0
-    with sqlite3.connect(workdir / "data" / "index.db") as db:  # another client's answer
+    # Another client's answer for the tag, from before.
+    with contextlib.closing(sqlite3.connect(workdir / "data" / "index.db")) as db, db:
         db.execute(
             "INSERT INTO tags VALUES ('docker.io', 'library/multi', 'v1', 'x/y', ?, ?, 0)",
             (OCI_MANIFEST, APP.digest),
