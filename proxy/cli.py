@@ -30,6 +30,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache.errors import CacheError
 from cache.eviction import Evictor
 from cache.integrity import Report, fsck, reconcile
 from cache.store import Cache
@@ -244,7 +245,7 @@ async def _export(config: Config, args: argparse.Namespace) -> int:
     async with _open_cache(config) as cache:
         try:
             plan = await Exporter(config, cache, args.platform).export(args.images, args.output)
-        except (LayoutError, OSError) as exc:
+        except (LayoutError, CacheError, OSError) as exc:
             return _failed("export", exc)
     print(
         f"exported {len(plan.entries)} images ({len(plan.manifests) + len(plan.blobs)} blobs,"
@@ -258,7 +259,7 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
     try:
         await cache.open(clear_debris=False)  # a server may be running on this cache
         imported = await Importer(config, cache).run(args.layout, args.as_image)
-    except (LayoutError, OSError) as exc:
+    except (LayoutError, CacheError, OSError) as exc:
         return _failed("import", exc)
     finally:
         await cache.close()
@@ -268,7 +269,7 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _failed(command: str, exc: LayoutError | OSError) -> int:
+def _failed(command: str, exc: Exception) -> int:
     """One line on stderr; bad input exits 2, anything else (not cached, no room) 1."""
     print(f"pullthrough: {command}: {exc}", file=sys.stderr)
     return exc.status if isinstance(exc, LayoutError) else EXIT_PROBLEMS

@@ -67,6 +67,12 @@ class NotCached(LayoutError):
     status = 1
 
 
+class NoRoom(LayoutError):
+    """Import: the cache's budget or disk can't take it (exit status 1)."""
+
+    status = 1
+
+
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str

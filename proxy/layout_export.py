@@ -231,7 +231,7 @@ class CachedBlob:
             raise self.corrupt()
 
     def corrupt(self) -> LayoutError:
-        return LayoutError(
+        return NotCached(
             f"cached blob {self.digest} is damaged (run `pullthrough fsck --repair`);"
             " nothing was written"
         )

@@ -56,6 +56,7 @@ from proxy.layout import (
     Bars,
     Descriptor,
     LayoutError,
+    NoRoom,
     blob_name,
     check_layout_file,
     index_entries,
@@ -133,6 +134,9 @@ class Importer:
             rows = [BlobRow(str(d), contents.sizes[d], t) for d, t in contents.media_types.items()]
             tags = [image.tag_answer() for image in images if image.tag is not None]
             await self.cache.commit_staged(staged, rows, sorted(contents.links), tags)
+        except DiskFull as exc:
+            self.cache.discard_staged(list(staged.values()))
+            raise NoRoom(f"the cache's index has no room: {exc}") from None
         except BaseException:
             self.cache.discard_staged(list(staged.values()))  # those not moved yet
             raise
@@ -183,14 +187,14 @@ class Importer:
         keeps = int(budget.max_size * budget.low_watermark)
         total = sum(contents.sizes.values())
         if total > keeps:
-            raise LayoutError(
+            raise NoRoom(
                 f"the import is {mb(total)}, more than the cache keeps: {mb(keeps)}"
                 " (cache.max_size x cache.low_watermark, where eviction stops)"
             )
         needed = sum(contents.sizes[d] for d in new)
         free = shutil.disk_usage(self.cache.root).free
         if needed > free:
-            raise LayoutError(f"the import needs {mb(needed)} of disk, {mb(free)} is free")
+            raise NoRoom(f"the import needs {mb(needed)} of disk, {mb(free)} is free")
         return new
 
     async def _stage(
@@ -235,7 +239,7 @@ class Importer:
                 except FillFailed as exc:
                     raise LayoutError(f"blob {digest} in the layout is damaged: {exc}") from None
                 except DiskFull as exc:
-                    raise LayoutError(f"no room in the cache for {digest}: {exc}") from None
+                    raise NoRoom(f"no room in the cache for {digest}: {exc}") from None
                 self.bars.finish(digest, size, "imported")
         except BaseException:
             self.cache.discard_staged(list(staged.values()))
