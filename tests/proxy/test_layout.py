@@ -416,33 +416,42 @@ async def test_an_import_evicts_the_least_recently_used_to_fit(tmp_path: Path) -
     assert (code, out.strip()) == (0, f"checked {len(left)} blobs: 0 bad, 0 missing")
 
 
-async def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
-    workdir = configure(tmp_path)
-    layout = write_layout(tmp_path / "layout", [(APP, FROM_US)])
+async def on_terminal(*args: str, cwd: Path) -> tuple[int, str]:
+    """Run `pullthrough ARGS` with a pseudo-terminal as its stdout and stderr."""
     primary, secondary = pty.openpty()
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "import", str(layout), cwd=workdir,
-            stdout=secondary, stderr=secondary,
+            sys.executable, "-m", "proxy", *args, cwd=cwd, stdout=secondary, stderr=secondary,
         )  # fmt: skip
         os.close(secondary)
-        assert await process.wait() == 0
-        out = b""
-        while True:
-            try:
-                chunk = os.read(primary, 65536)
-            except OSError:  # EIO: the terminal's other end is closed
-                break
-            if not chunk:
-                break
-            out += chunk
+        out = await asyncio.to_thread(_read_all, primary)  # read as it runs: never blocks it
+        return await process.wait(), out.decode()
     finally:
         os.close(primary)
-    text = out.decode()
-    assert f"\r{APP.layers[2].digest[:19]} [" in text and "#" * 30 + "]" in text
-    assert f"{APP.layers[2].digest}  0.3 MB  imported" in text
+
+
+def _read_all(fd: int) -> bytes:
+    out = b""
+    with contextlib.suppress(OSError):  # EIO once the terminal's other end is closed
+        while chunk := os.read(fd, 65536):
+            out += chunk
+    return out
+
+
+async def test_progress_bars_only_on_a_terminal(tmp_path: Path) -> None:
+    workdir = configure(tmp_path)
+    layout = write_layout(tmp_path / "layout", [(APP, FROM_US)])
+    layer = APP.layers[2].digest
+    code, text = await on_terminal("import", str(layout), cwd=workdir)
+    assert code == 0 and f"\r{layer[:19]} [" in text and "#" * 30 + "]" in text, text
+    assert f"{layer}  0.3 MB  imported" in text
+    code, text = await on_terminal("export", "app:v1", "-o", "tty.tar", cwd=workdir)
+    assert code == 0 and f"\r{layer[:19]} [" in text and f"{layer}  0.3 MB  exported" in text
+
     code, plain = await run("export", "app:v1", "-o", str(tmp_path / "out.tar"), cwd=workdir)
     assert code == 0 and "\r" not in plain and len(plain.strip().splitlines()) == 1, plain
+    code, plain = await run("import", str(tmp_path / "out.tar"), cwd=configure(tmp_path / "b"))
+    assert code == 0 and "\r" not in plain and len(plain.strip().splitlines()) == 2, plain
 
 
 @pytest.mark.parametrize("kind", [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST])
