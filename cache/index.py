@@ -143,6 +143,18 @@ class TagRow:
     checked: float
 
 
+@dataclass(frozen=True, slots=True)
+class TagAnswer:
+    """A tag's answer to record (`Index.add_imported`); `checked` is the time of writing."""
+
+    upstream: str
+    repo: str
+    tag: str
+    accept: str
+    media_type: str
+    digest: str
+
+
 class Index:
     """Named async queries over the index database. Owns its one connection."""
 
@@ -285,6 +297,52 @@ class Index:
                 )
             ]
         )
+
+    async def add_imported(
+        self,
+        rows: list[BlobRow],
+        links: list[tuple[str, str, str]],
+        tags: list[TagAnswer],
+        references: dict[str, Reference],
+    ) -> list[BlobRow]:
+        """Index an import in one transaction, so it is all there or none of it: the blob
+        rows, their (upstream, repo, digest) links, the subjects of its manifests (by
+        digest), and each tag's answer, which replaces every answer that tag had. Returns
+        the rows that are new."""
+        now = self.clock()
+        added = []
+        async with self._transaction() as db:
+            for row in rows:
+                cursor = await db.execute(
+                    "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (row.digest, row.size, row.media_type, now, now),
+                )
+                if cursor.rowcount == 1:
+                    added.append(row)
+                else:  # stored already, maybe adopted without its media type
+                    await db.execute(
+                        "UPDATE blobs SET last_access = ?, media_type = coalesce(media_type, ?)"
+                        " WHERE digest = ?",
+                        (now, row.media_type, row.digest),
+                    )
+            await db.executemany(
+                "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)", links
+            )
+            await db.executemany(
+                _ADD_SUBJECT, [_subject_row(d, ref) for d, ref in references.items()]
+            )
+            for tag in tags:
+                await db.execute(
+                    "DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?",
+                    (tag.upstream, tag.repo, tag.tag),
+                )
+                await db.execute(
+                    "INSERT INTO tags (upstream, repo, tag, accept, media_type, digest, checked)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (tag.upstream, tag.repo, tag.tag, tag.accept, tag.media_type, tag.digest, now),
+                )
+        return added
 
     async def get_blob(self, digest: str) -> BlobRow | None:
         async with self.db.execute(

@@ -21,15 +21,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from cachetools import LRUCache
 
 from cache.digests import Digest
-from cache.errors import DISK_FULL_ERRNOS, DiskFull, InvalidDigest, StoreClosed
+from cache.errors import (
+    DISK_FULL_ERRNOS,
+    DigestMismatch,
+    DiskFull,
+    InvalidDigest,
+    SizeMismatch,
+    StoreClosed,
+)
 from cache.files import BlobFiles
-from cache.fill import Fill
-from cache.index import INDEX_SUBJECTS, BlobRow, Index, ListingRow, TagRow
+from cache.fill import READ_CHUNK, Fill
+from cache.index import INDEX_SUBJECTS, BlobRow, Index, ListingRow, TagAnswer, TagRow
 from cache.referrers import Reference, Referrer, reference_of
 
 log = logging.getLogger("pullthrough.cache")
@@ -461,3 +468,83 @@ class Cache:
     async def referrers(self, upstream: str, repo: str, subject: Digest) -> list[Referrer]:
         """Stored manifests that (upstream, repo) may be served whose subject is `subject`."""
         return await self.index.referrers(upstream, repo, str(subject))
+
+    # -- imports: verified in tmp/ first, then indexed all at once ----------------------
+
+    def stage(
+        self,
+        digest: Digest,
+        source: IO[bytes],
+        size: int,
+        progress: Callable[[int], object] | None = None,
+    ) -> Path:
+        """Copy `size` bytes of `source` into a temp file, check them against `digest`,
+        and fsync it; `commit_staged` moves it into the store. Blocking: call it from a
+        worker thread. Raises SizeMismatch or DigestMismatch (the temp file is deleted),
+        DiskFull."""
+        try:
+            fd, temp = self.files.new_temp(digest)
+            try:
+                hasher, done = digest.hasher(), 0
+                while done < size and (chunk := source.read(min(READ_CHUNK, size - done))):
+                    hasher.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done)
+                if done != size or source.read(1):
+                    raise SizeMismatch(size, done if done != size else size + 1)
+                if hasher.hexdigest() != digest.hex:
+                    raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
+                os.fsync(fd)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise DiskFull(str(exc)) from exc
+            raise
+        return temp
+
+    def discard_staged(self, staged: list[Path]) -> None:
+        for temp in staged:
+            temp.unlink(missing_ok=True)
+
+    async def commit_staged(
+        self,
+        staged: dict[Digest, Path],
+        rows: list[BlobRow],
+        links: list[tuple[str, str, str]],
+        tags: list[TagAnswer],
+    ) -> None:
+        """Move staged files into the store, then index `rows` (staged or stored already),
+        their `links` (upstream, repo, digest) and `tags` in one transaction: an import
+        is indexed whole or not at all. A crash in between leaves files without rows,
+        which `reconcile` adopts unlinked, so they are served to nobody."""
+        await asyncio.to_thread(self._place_all, staged)
+        manifests = [row.digest for row in rows if row.media_type is not None]
+        try:
+            # An imported artifact answers referrers of its subject, as a pulled one does.
+            references = await asyncio.to_thread(self._read_references, manifests)
+            added = await self.index.add_imported(rows, links, tags, references)
+        except BaseException:
+            for digest in staged:  # unless a running server indexed it meanwhile
+                if await self.index.get_blob(str(digest)) is None:
+                    await asyncio.to_thread(self.files.remove, digest)
+            raise
+        self._used += sum(row.size for row in added)
+        self._count += len(added)
+        for upstream, repo, linked in links:
+            self._remember(linked, (upstream, repo))
+        if self._used > self.budget.max_size * self.budget.high_watermark:
+            self.over_budget.set()
+
+    def _place_all(self, staged: dict[Digest, Path]) -> None:
+        for digest, temp in staged.items():
+            final = self.files.path_for(digest)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)  # fsynced by `stage`

@@ -23,7 +23,10 @@ and `cache` (storage) never imports from `proxy`.
                      upstream_connections.py  TLS, timeouts, the downloads' share of the pool
                      breaker.py      a circuit breaker per upstream; coalesce.py
     storage          cache/          files, fills in progress, the SQLite index, eviction
-    operations       cli.py          serve, warm, stats, gc, evict, fsck (warm.py)
+    operations       cli.py          serve, warm, stats, gc, evict, fsck, export, import (warm.py)
+                     layout.py       the OCI image layout: index.json, annotations, walking
+                                     an image (layout_files.py: a directory or a tar)
+                     layout_export.py, layout_import.py   cache -> layout, layout -> cache
                      config.py       mirror.yaml into the frozen settings.py dataclasses
                      reload.py       the live config, reloaded on SIGHUP
                      logs.py, tls.py, tasks.py

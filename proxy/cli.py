@@ -8,6 +8,8 @@
     gc             one reconcile and eviction pass (TTL, then the size watermarks)
     evict --to N   evict least recently used content down to N bytes
     fsck           re-hash every cached blob; --repair removes the bad ones
+    export IMAGE... -o FILE.tar|DIR   cached images as an OCI image layout
+    import FILE.tar|DIR [--as IMAGE]  an OCI image layout's images into the cache
 
 Exit status: 0 done, 1 problems found or work failed, 2 bad input.
 """
@@ -17,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +32,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache.errors import CacheError
 from cache.eviction import Evictor
 from cache.integrity import Report, fsck, reconcile
 from cache.store import Cache
@@ -44,11 +49,15 @@ from proxy.config import (
 )
 from proxy.errors import RegistryError
 from proxy.keys import BLOBS, MANIFESTS
+from proxy.layout import LayoutError, mb
+from proxy.layout_export import Exporter
+from proxy.layout_import import Importer
 from proxy.tls import server_context
 from proxy.warm import Progress, Warmer, parse_image, warm_all
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?")
 
 
 class UsageError(Exception):
@@ -87,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     evict.add_argument("--to", required=True, metavar="SIZE", help="e.g. 20GiB")
     check = commands.add_parser("fsck", help="re-hash every cached blob and report")
     check.add_argument("--repair", action="store_true", help="remove bad blobs and stale rows")
+    export = commands.add_parser("export", help="write cached images as an OCI image layout")
+    export.add_argument("images", nargs="+", metavar="IMAGE")
+    export.add_argument("-o", "--output", required=True, type=Path, metavar="FILE.tar|DIR")
+    export.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="one platform's manifest")
+    load = commands.add_parser("import", help="add an OCI image layout's images to the cache")
+    load.add_argument("layout", type=Path, metavar="FILE.tar|DIR")
+    load.add_argument("--as", dest="as_image", metavar="IMAGE", help="the image it stands for")
     for command in commands.choices.values():
         command.add_argument("--config", default="mirror.yaml", help="config file (./mirror.yaml)")
         command.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -234,6 +250,42 @@ def _print_report(report: Report, repair: bool) -> None:
     print(summary)
 
 
+async def _export(config: Config, args: argparse.Namespace) -> int:
+    if args.platform is not None and not PLATFORM.fullmatch(args.platform):
+        raise UsageError(f"--platform {args.platform}: expected OS/ARCH or OS/ARCH/VARIANT")
+    async with _open_cache(config) as cache:
+        try:
+            plan = await Exporter(config, cache, args.platform).export(args.images, args.output)
+        except (LayoutError, CacheError, OSError) as exc:
+            return _failed("export", exc)
+    print(
+        f"exported {len(plan.entries)} images ({len(plan.manifests) + len(plan.blobs)} blobs,"
+        f" {mb(plan.size)}) to {args.output}"
+    )
+    return 0
+
+
+async def _import(config: Config, args: argparse.Namespace) -> int:
+    cache = new_cache(config.cache)  # made if missing: an air-gapped mirror starts empty
+    try:
+        await cache.open(clear_debris=False)  # a server may be running on this cache
+        imported = await Importer(config, cache).run(args.layout, args.as_image)
+    except (LayoutError, CacheError, OSError) as exc:
+        return _failed("import", exc)
+    finally:
+        await cache.close()
+    for image in imported.images:
+        print(f"imported {image} ({image.entry.digest})")
+    print(f"{imported.blobs} new blobs, {mb(imported.size)}")
+    return 0
+
+
+def _failed(command: str, exc: Exception) -> int:
+    """One line on stderr; bad input exits 2, anything else (not cached, no room) 1."""
+    print(f"pullthrough: {command}: {exc}", file=sys.stderr)
+    return exc.status if isinstance(exc, LayoutError) else EXIT_PROBLEMS
+
+
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "check-config": _check_config,
     "warm": _warm,
@@ -241,4 +293,6 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], Coroutine[Any, Any, i
     "gc": _gc,
     "evict": _evict,
     "fsck": _fsck,
+    "export": _export,
+    "import": _import,
 }
