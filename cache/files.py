@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from cache.digests import Digest
@@ -79,19 +80,16 @@ class BlobFiles:
         os.replace(temp, final)
         return final
 
-    def write(self, digest: Digest, data: bytes) -> None:
-        """Store small, already verified content (a manifest). Blocking.
-
-        Raises DiskFull when there is no room for it."""
+    @contextlib.contextmanager
+    def writing(self, digest: Digest) -> Iterator[tuple[int, Path]]:
+        """A new temp file for `digest`, closed at the end and removed if the block
+        fails; a full disk's OSError becomes DiskFull. Blocking."""
         try:
             fd, temp = self.new_temp(digest)
             try:
-                if os.write(fd, data) != len(data):  # short: only a full disk does that
-                    raise OSError(errno.ENOSPC, "short write")
-                self.commit(fd, temp, digest)
+                yield fd, temp
             except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    temp.unlink()
+                temp.unlink(missing_ok=True)
                 raise
             finally:
                 os.close(fd)
@@ -99,6 +97,15 @@ class BlobFiles:
             if exc.errno in DISK_FULL_ERRNOS:
                 raise DiskFull(str(exc)) from exc
             raise
+
+    def write(self, digest: Digest, data: bytes) -> None:
+        """Store small, already verified content (a manifest). Blocking.
+
+        Raises DiskFull when there is no room for it."""
+        with self.writing(digest) as (fd, temp):
+            if os.write(fd, data) != len(data):  # short: only a full disk does that
+                raise OSError(errno.ENOSPC, "short write")
+            self.commit(fd, temp, digest)
 
     def remove(self, digest: Digest) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -482,32 +482,21 @@ class Cache:
         and fsync it; `commit_staged` moves it into the store. Blocking: call it from a
         worker thread. Raises SizeMismatch or DigestMismatch (the temp file is deleted),
         DiskFull."""
-        try:
-            fd, temp = self.files.new_temp(digest)
-            try:
-                hasher, done = digest.hasher(), 0
-                while done < size and (chunk := source.read(min(READ_CHUNK, size - done))):
-                    hasher.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done)
-                if done != size or source.read(1):
-                    raise SizeMismatch(size, done if done != size else size + 1)
-                if hasher.hexdigest() != digest.hex:
-                    raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
-                os.fsync(fd)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS:
-                raise DiskFull(str(exc)) from exc
-            raise
+        with self.files.writing(digest) as (fd, temp):
+            hasher, done = digest.hasher(), 0
+            while done < size and (chunk := source.read(min(READ_CHUNK, size - done))):
+                hasher.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                done += len(chunk)
+                if progress is not None:
+                    progress(done)
+            if done != size or source.read(1):
+                raise SizeMismatch(size, done if done != size else size + 1)
+            if hasher.hexdigest() != digest.hex:
+                raise DigestMismatch(str(digest), f"{digest.algorithm}:{hasher.hexdigest()}")
+            os.fsync(fd)
         return temp
 
     def discard_staged(self, staged: list[Path]) -> None:
