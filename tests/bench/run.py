@@ -17,9 +17,19 @@ upstream, which caches to disk and checks no digests), then runs:
                 with its writes, costs a client on the same cores
     concurrent  per repetition a fresh image: N skopeo clients at once, mirror and peer
     concurrent_curl  the same with N curl clients to /dev/null (info: the servers' side
-                without N skopeos hashing and writing to disk)
-    warm        the first cold image again: skopeo through mirror and peer; curl of the
-                4 layer files from the mirror and from nginx, in parallel and in sequence
+                without N skopeos hashing and writing to disk), and one curl fetching
+                the same blobs direct (with a token)
+    wan         cold, concurrent and concurrent_curl again with the upstream behind a
+                slow link (tests/bench/wan.py; BENCH_PROFILES, BENCH_WAN_RATE): a second
+                upstream process on the same storage, in a network namespace, with a
+                mirror, a peer and a relay of its own
+    warm        the first cold image again, BENCH_WARM_REPS alternating reps: skopeo
+                through mirror, peer and direct; one curl of its largest layer from
+                mirror, peer and nginx; curl of the 4 layer files from the mirror and
+                from nginx, in parallel and in sequence
+    small_images  BENCH_SMALL_IMAGES one-layer images (3 MiB), pulled one after another
+                by skopeo through mirror, peer and direct: cold (a new set per rep) and
+                warm (the last set again)
     manifests   wrk, 32 connections, by tag and by digest, mirror and peer
 
 Every timed run also records the CPU seconds of the mirror, the peer, the relay (its
@@ -27,8 +37,9 @@ workers), the upstream and the clients, and the 1-minute load average when it st
 (the machine is shared). The N skopeo clients' own CPU over the cores, set against the
 peer's wall, is the best ratio any server could reach in the concurrent phase.
 The mirror's and the peer's RSS is sampled every 50 ms per phase, and VmHWM is reset at
-the start of each phase. With BENCH_PROFILE=1 py-spy records the mirror. The table goes to
-stdout; the raw numbers to bench-results/bench-<timestamp>.json and latest.json.
+the start of each phase. With BENCH_PROFILE=1 py-spy records the mirror. The tables (one
+per profile) go to stdout; the raw numbers to bench-results/bench-<timestamp>.json and
+latest.json (the WAN profile's under "wan").
 Exit status 0 when everything ran (targets may fail: see the table), 1 when the
 harness itself failed, 3 with BENCH_STRICT=1 when a target failed.
 """
@@ -94,6 +105,7 @@ TOOLS = {
     NGINX: "nginx",
     REGISTRY_BINARY: "docker-registry",
 }
+WAN_TOOLS = {"ip": "iproute2", "tc": "iproute2"}  # the WAN profile's namespace and qdisc
 
 
 def log(message: str) -> None:
@@ -669,8 +681,9 @@ def environment(work: Path) -> dict[str, Any]:
     }
 
 
-def _missing_tools() -> list[str]:
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+def _missing_tools(settings: Settings) -> list[str]:
+    tools = TOOLS | (WAN_TOOLS if "wan" in settings.profiles else {})
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if not PULLTHROUGH.exists():
         missing.append("pullthrough (make install)")
     return missing
@@ -950,9 +963,16 @@ def _exit_status(failed: bool, checks: list[report.Target]) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
-    missing = _missing_tools()
+    missing = _missing_tools(settings)
     if missing:
         print(f"bench: missing {', '.join(missing)}; apt-get install them", file=sys.stderr)
+        return 1
+    if "wan" in settings.profiles and os.geteuid() != 0:
+        print(
+            "bench: the WAN profile makes a network namespace and a qdisc, which takes root;"
+            " run as root, or set BENCH_PROFILES=loopback",
+            file=sys.stderr,
+        )
         return 1
     signal.signal(signal.SIGTERM, _terminate)
     stamp, work, raw = _prepare(settings)
