@@ -714,9 +714,36 @@ def table(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
     return "\n".join([*lines, *_notes(s, checks)])
 
 
+def markdown(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
+    """The same tables as ``table``, as Markdown (for tests/bench/README.md)."""
+
+    def rows(title: str, body: list[Row]) -> list[str]:
+        cells = [HEADER, ("---",) * len(HEADER), *body]
+        return [f"{title}", "", *("| " + " | ".join(c or " " for c in r) + " |" for r in cells)]
+
+    lines = rows("Profile loopback:", _rows(raw, s, checks))
+    if "wan" in raw:
+        w = _verdicts(checks)[len(checks) - len(_wan_targets(raw, s)) :]
+        rate = raw["wan"].get("link", {}).get("rate", "?")
+        lines += [
+            "",
+            *rows(f"Profile wan, the upstream behind {rate}:", _wan_rows(raw, s["wan"], w)),
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def write(raw: dict[str, Any], out_dir: Path, stamp: str) -> Path:
+    """The raw numbers as JSON and, once summarized, the tables as Markdown; each also
+    as latest.*."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{stamp}.json"
     path.write_text(json.dumps(raw, indent=2, sort_keys=False) + "\n")
     shutil.copyfile(path, out_dir / "latest.json")
+    if "summary" in raw:
+        checks = [
+            Target(t["name"], t["value"], t["op"], t["threshold"]) for t in raw.get("targets", [])
+        ]
+        md = path.with_suffix(".md")
+        md.write_text(markdown(raw, raw["summary"], checks))
+        shutil.copyfile(md, out_dir / "latest.md")
     return path
