@@ -853,7 +853,7 @@ def _measure(settings: Settings, stamp: str, raw: dict[str, Any], servers: Serve
             bench.run()
         finally:
             raw["rss"] = sampler.report()
-            raw["profiles"] = profiler.files
+            raw["profiles"] = profiler.files + (bench.wan.profiler.files if bench.wan else [])
             raw["mirror_log"] = _log_counts(up.mirror.log_path.read_text(errors="replace"))
 
 
@@ -878,7 +878,9 @@ def _wan_bench(bench: Bench, wan: WanProcesses) -> Bench:
         bench.nginx,
         wan.relay,
         bench.sampler,
-        bench.profiler,
+        Profiler(
+            wan.mirror.pid, bench.profiler.out_dir.with_name(bench.profiler.out_dir.name + "-wan")
+        ),
         profile="wan",
     )
     wan_bench.push_to = bench.upstream
