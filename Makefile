@@ -40,12 +40,14 @@ run: $(STAMP) ## serve mirror.yaml on 0.0.0.0:5000 with the cache in ./data
 test: $(STAMP) system-deps ## run the test suite against a real registry
 	$(PY) -m pytest
 
-# The benchmark (tests/bench/, 10-16 min at the defaults; never part of `make test`).
-# Knobs: BENCH_IMAGE_MB, BENCH_REPS, BENCH_PHASES, BENCH_PROFILE ... (tests/bench/settings.py).
-BENCH_COMMANDS := nginx wrk curl
-BENCH_PACKAGES := nginx wrk curl
+# The benchmark (tests/bench/, ~22 min at the defaults with the fleet phase, ~10 with BENCH_IMAGE_MB=200; never
+# part of `make test`). Knobs: BENCH_IMAGE_MB, BENCH_REPS, BENCH_PHASES, BENCH_PROFILES,
+# BENCH_WAN_RATE, BENCH_PROFILE ... (tests/bench/settings.py). The WAN profile needs root
+# (a network namespace and tc); tests/bench/README.md has the latest table.
+BENCH_COMMANDS := nginx wrk curl ip tc
+BENCH_PACKAGES := nginx wrk curl iproute2
 
-bench-deps: ## install nginx, wrk and curl for the benchmark when missing
+bench-deps: ## install nginx, wrk, curl and iproute2 (ip, tc) for the benchmark when missing
 	@missing=0; for c in $(BENCH_COMMANDS); do \
 		command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || missing=1; done; \
 	if [ $$missing = 1 ]; then \

@@ -27,6 +27,7 @@ from typing import Any
 
 from cache.digests import Digest
 from cache.errors import DISK_FULL_ERRNOS, DigestMismatch, FillFailed, SizeMismatch
+from cache.files import WRITEBACK_STEP, start_writeback
 
 READ_CHUNK = 1 << 20
 PASSTHROUGH_BUFFER = 4 << 20  # bytes held for slow readers before the download waits
@@ -41,6 +42,7 @@ class Fill:
         self.size: int | None = None
         self.written = 0
         self.on_disk = 0  # bytes [0, on_disk) are in the temp file
+        self._writeback_from = 0  # bytes before it are handed to the disk (start_writeback)
         self.verified = False
         self.error: BaseException | None = None
         self.passthrough = False
@@ -101,6 +103,9 @@ class Fill:
             written = os.pwrite(self.fd, view, offset)
             view, offset = view[written:], offset + written
         self._hasher.update(chunk)
+        if offset - self._writeback_from >= WRITEBACK_STEP:
+            start_writeback(self.fd, self._writeback_from, offset - self._writeback_from)
+            self._writeback_from = offset
 
     def go_passthrough(self) -> None:
         """Stop writing to disk; serve the readers already here from memory."""

@@ -1,9 +1,10 @@
 """Streaming a blob to a client, from a committed file or a fill in progress.
 
-Over plain HTTP every span of a blob file, committed or still growing, goes out with
-sendfile on the app's `FileSender` threads (figures in `proxy.sendfile`): the bytes stay
-in the kernel, so 8 clients following one fill cost no per-client buffers. Over TLS the
-file is read with pread, and pass-through bytes held in memory are written as they are.
+Over plain HTTP every span of a blob file, committed or still growing, goes out from
+the app's `FileSender` threads (figures in `proxy.sendfile`), which read it in bursts, so
+8 clients following one fill cost no buffers beyond a burst's. Small spans, over TLS
+all spans, are read with pread on the loop; pass-through bytes held in memory are
+written as they are.
 
 A client that takes no bytes for `client_timeout` is cut off, wherever the response is:
 otherwise a client that stops reading would hold its socket, a file and a dup of the
@@ -26,6 +27,11 @@ from proxy.ranges import parse_range
 from proxy.stall import unsent, while_taking
 
 log = logging.getLogger("pullthrough.responses")
+
+# Spans up to this size are read and written on the event loop: handing them to a
+# sender thread costs more than copying them (a config blob; the last byte of a fill,
+# held back until it verifies). Measured in tests/bench/README.md.
+INLINE_SPAN = 64 << 10
 
 
 async def send_blob(
@@ -82,7 +88,7 @@ async def _send(
     async for part in spans(start, stop, blob.fill, blob.reader):
         if isinstance(part, bytes):
             await write(part)
-        elif socket is not None:
+        elif socket is not None and part[1] > INLINE_SPAN:
             request[BODY_BYTES] += await sender.send(socket, blob.fd, part, stall)
         else:
             for data in read_span(blob.fd, part):

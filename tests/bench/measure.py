@@ -149,7 +149,9 @@ def verifier_beside(
 # -- curl ----------------------------------------------------------------------------
 
 
-def curl_blobs(clients: Sequence[Sequence[str]], sizes: dict[str, int]) -> float:
+def curl_blobs(
+    clients: Sequence[Sequence[str]], sizes: dict[str, int], headers: Sequence[str] = ()
+) -> float:
     """Seconds for one curl process per entry of ``clients``, all started at once, each
     GETting its URLs in turn on one kept-alive connection to /dev/null. Every answer must
     be a 200 of the expected size (``sizes``: URL -> bytes)."""
@@ -157,6 +159,8 @@ def curl_blobs(clients: Sequence[Sequence[str]], sizes: dict[str, int]) -> float
     argvs = []
     for urls in clients:
         argv = ["curl", "-sS", "-w", fmt]
+        for header in headers:
+            argv += ["-H", header]
         for url in urls:
             argv += ["-o", "/dev/null", url]
         argvs.append(argv)

@@ -96,6 +96,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         s.get("cold_direct_seconds"), s.get("cold_verifier_seconds")
     )
     s["cold_verifier_cpu_seconds"] = _med(cold.get("verifier", []), "verifier_cpu_seconds")
+    # The loopback target's bound: a direct pull sharing the cores with a verifier's work.
+    s["cold_speed_vs_verifier"] = _ratio(
+        s.get("cold_verifier_seconds"), s.get("cold_mirror_seconds")
+    )
     hashes = raw.get("cold_sha256", [])
     s["cold_sha256_cpu_seconds"] = _med(hashes, "cpu_seconds")
     s["cold_sha256_mb_per_s"] = _med(hashes, "mb_per_s")
@@ -114,6 +118,14 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         s[f"concurrent_curl_{who}_upstream_ratio"] = _med(runs, "upstream_ratio")
     s["concurrent_curl_time_vs_peer"] = _ratio(
         s.get("concurrent_curl_mirror_wall_seconds"), s.get("concurrent_curl_peer_wall_seconds")
+    )
+    # N curl clients through a cache against one direct fetch of the same blobs: over a
+    # slow link the bytes cross it once either way.
+    s["concurrent_curl_time_vs_one_direct"] = _ratio(
+        s.get("concurrent_curl_mirror_wall_seconds"), s.get("concurrent_curl_direct_wall_seconds")
+    )
+    s["concurrent_curl_peer_time_vs_one_direct"] = _ratio(
+        s.get("concurrent_curl_peer_wall_seconds"), s.get("concurrent_curl_direct_wall_seconds")
     )
     s["concurrent_time_vs_peer"] = _ratio(
         s.get("concurrent_mirror_wall_seconds"), s.get("concurrent_peer_wall_seconds")
@@ -145,6 +157,25 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     s["warm_skopeo_speed_vs_peer"] = _ratio(
         s.get("warm_skopeo_peer_seconds"), s.get("warm_skopeo_mirror_seconds")
     )
+    s["warm_skopeo_speed_vs_direct"] = _ratio(
+        s.get("warm_skopeo_direct_seconds"), s.get("warm_skopeo_mirror_seconds")
+    )
+    s["warm_curl_one_vs_peer"] = _ratio(
+        s.get("warm_curl_one_peer_seconds"), s.get("warm_curl_one_mirror_seconds")
+    )
+    s["warm_curl_one_vs_nginx"] = _ratio(
+        s.get("warm_curl_one_nginx_seconds"), s.get("warm_curl_one_mirror_seconds")
+    )
+    for state, by_who in raw.get("small_images", {}).items():
+        for who, runs in by_who.items():
+            s[f"small_{state}_{who}_seconds"] = _med(runs, "seconds")
+            s[f"small_{state}_{who}_tokens"] = _med(runs, "token_requests")
+        for who in ("direct", "peer"):
+            s[f"small_{state}_speed_vs_{who}"] = _ratio(
+                s.get(f"small_{state}_{who}_seconds"), s.get(f"small_{state}_mirror_seconds")
+            )
+    if "wan" in raw:
+        s["wan"] = summarize(raw["wan"])
     for mode in ("curl_parallel", "curl_sequential"):
         s[f"warm_{mode}_vs_nginx"] = _ratio(
             s.get(f"warm_{mode}_nginx_seconds"), s.get(f"warm_{mode}_mirror_seconds")
@@ -163,17 +194,27 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
+def _exact(raw: dict[str, Any], section: str) -> float | None:
+    """The mirror's upstream bytes per image: exactly 1.0 in every repetition, or the
+    worst one is what is reported."""
+    runs = raw.get(section, {}).get("mirror", [])
+    if not runs:
+        return None
+    ratios: list[float] = [float(r["upstream_ratio"]) for r in runs]
+    return max(ratios, key=lambda r: abs(r - 1.0))
+
+
 def targets(raw: dict[str, Any], s: dict[str, Any]) -> list[Target]:
     def exact(section: str) -> float | None:
-        runs = raw.get(section, {}).get("mirror", [])
-        if not runs:
-            return None
-        ratios: list[float] = [float(r["upstream_ratio"]) for r in runs]
-        # Exactly 1.0 in every repetition, or the worst one is what is reported.
-        return max(ratios, key=lambda r: abs(r - 1.0))
+        return _exact(raw, section)
 
     return [
-        Target("cold pull >= 0.95x direct speed", s.get("cold_speed_vs_direct"), ">=", 0.95),
+        Target(
+            "cold pull >= 0.95x a direct pull beside the verifier",
+            s.get("cold_speed_vs_verifier"),
+            ">=",
+            0.95,
+        ),
         Target("upstream bytes == 1.0x image, 1 client", exact("cold"), "==", 1.0),
         Target(
             f"upstream bytes == 1.0x image, {raw['settings']['clients']} clients",
@@ -204,7 +245,53 @@ def targets(raw: dict[str, Any], s: dict[str, Any]) -> list[Target]:
             "manifest by digest >= 1.5x peer req/s", s.get("manifest_digest_vs_peer"), ">=", 1.5
         ),
         Target("peak RSS <= 60 MB", s.get("rss_mirror_peak_mb"), "<=", RSS_LIMIT_MB),
+        *_warm_targets(s),
+        *_wan_targets(raw, s),
     ]
+
+
+def _warm_targets(s: dict[str, Any]) -> list[Target]:
+    """Warm pulls by real clients, and small images (rows v[9] to v[13])."""
+    return [
+        Target("warm skopeo pull >= 1.0x peer", s.get("warm_skopeo_speed_vs_peer"), ">=", 1.0),
+        Target(
+            "warm skopeo pull >= 0.95x direct", s.get("warm_skopeo_speed_vs_direct"), ">=", 0.95
+        ),
+        Target("warm single curl stream >= 1.0x peer", s.get("warm_curl_one_vs_peer"), ">=", 1.0),
+        Target("small images warm >= 1.5x direct", s.get("small_warm_speed_vs_direct"), ">=", 1.5),
+        Target("small images cold >= 1.0x direct", s.get("small_cold_speed_vs_direct"), ">=", 1.0),
+    ]
+
+
+def _wan_targets(raw: dict[str, Any], s: dict[str, Any]) -> list[Target]:
+    """The slow-link profile (rows w[0] to w[3] of the WAN table); none without it."""
+    if "wan" not in raw:
+        return []
+    w, n = s["wan"], raw["settings"]["clients"]
+    return [
+        Target("wan: cold pull >= 0.97x direct", w.get("cold_speed_vs_direct"), ">=", 0.97),
+        Target(
+            f"wan: {n} curl clients <= 1.15x one direct fetch",
+            w.get("concurrent_curl_time_vs_one_direct"),
+            "<=",
+            1.15,
+        ),
+        Target(
+            "wan: upstream bytes == 1.0x image, 1 client", _exact(raw["wan"], "cold"), "==", 1.0
+        ),
+        Target(
+            f"wan: upstream bytes == 1.0x image, {n} clients",
+            _worst(_exact(raw["wan"], "concurrent"), _exact(raw["wan"], "concurrent_curl")),
+            "==",
+            1.0,
+        ),
+    ]
+
+
+def _worst(*ratios: float | None) -> float | None:
+    """The upstream ratio furthest from 1.0 of those measured."""
+    known = [r for r in ratios if r is not None]
+    return max(known, key=lambda r: abs(r - 1.0)) if known else None
 
 
 # -- the table -----------------------------------------------------------------------
@@ -261,7 +348,8 @@ def _verdicts(checks: list[Target]) -> list[Verdict]:
 
 
 def _cold_rows(s: dict[str, Any], verdict: Verdict) -> list[Row]:
-    """One client pulling a cold image, set against direct, the peer and the relay."""
+    """One client pulling a cold image, set against direct, the peer and the relay;
+    ``verdict`` is on the first row's ratio (against direct)."""
     return [
         (
             "cold pull, 1 client (skopeo)",
@@ -288,9 +376,17 @@ def _cold_rows(s: dict[str, Any], verdict: Verdict) -> list[Row]:
     ]
 
 
-def _verifier_rows(s: dict[str, Any]) -> list[Row]:
-    """What checking the bytes costs: to a client beside the verifier, and to sha256."""
+def _verifier_rows(s: dict[str, Any], verdict: Verdict) -> list[Row]:
+    """What checking the bytes costs: to a client beside the verifier, and to sha256;
+    the loopback target: the mirror against a direct pull beside the verifier."""
     return [
+        (
+            "cold pull vs direct beside the verifier",
+            _s(s.get("cold_mirror_seconds")),
+            f"direct beside the verifier {_s(s.get('cold_verifier_seconds'))}",
+            _x(s.get("cold_speed_vs_verifier")),
+            *verdict,
+        ),
         (
             "direct pull beside the verifier",
             _s(s.get("cold_verifier_seconds")),
@@ -389,7 +485,7 @@ def _concurrent_info_rows(s: dict[str, Any], n: int) -> list[Row]:
 
 
 def _warm_rows(s: dict[str, Any], parallel: Verdict, sequential: Verdict) -> list[Row]:
-    """An image already cached: skopeo against the peer, the layers by curl against nginx."""
+    """An image already cached: the layers by curl against nginx."""
 
     def curl(mode: str, how: str, verdict: Verdict) -> Row:
         return (
@@ -401,16 +497,72 @@ def _warm_rows(s: dict[str, Any], parallel: Verdict, sequential: Verdict) -> lis
         )
 
     return [
+        curl("curl_parallel", "parallel", parallel),
+        curl("curl_sequential", "sequence", sequential),
+    ]
+
+
+def _warm_client_rows(s: dict[str, Any], v: list[Verdict]) -> list[Row]:
+    """A cached image by skopeo, against the peer and direct; one curl stream of its
+    largest layer against the peer (and nginx); ``v``: the verdicts v[9] to v[11]."""
+    return [
         (
             "warm pull (skopeo)",
             _pace(s, "warm_skopeo_mirror"),
             f"peer {_pace(s, 'warm_skopeo_peer')}",
             _x(s.get("warm_skopeo_speed_vs_peer")),
+            *v[0],
+        ),
+        (
+            "warm pull (skopeo) vs direct",
+            _s(s.get("warm_skopeo_mirror_seconds")),
+            f"direct {_pace(s, 'warm_skopeo_direct')}",
+            _x(s.get("warm_skopeo_speed_vs_direct")),
+            *v[1],
+        ),
+        (
+            "warm layer, one curl stream",
+            _mb_s(s.get("warm_curl_one_mirror_mb_per_s")),
+            f"peer {_mb_s(s.get('warm_curl_one_peer_mb_per_s'))}",
+            _x(s.get("warm_curl_one_vs_peer")),
+            *v[2],
+        ),
+        (
+            "warm layer, one curl stream vs nginx",
+            _mb_s(s.get("warm_curl_one_mirror_mb_per_s")),
+            f"nginx {_mb_s(s.get('warm_curl_one_nginx_mb_per_s'))}",
+            _x(s.get("warm_curl_one_vs_nginx")),
             *INFO,
         ),
-        curl("curl_parallel", "parallel", parallel),
-        curl("curl_sequential", "sequence", sequential),
     ]
+
+
+def _small_rows(s: dict[str, Any], n: int, v: list[Verdict]) -> list[Row]:
+    """``n`` small images by skopeo one after another, cold and warm; ``v``: v[12], v[13]."""
+
+    def row(state: str, verdict: Verdict) -> list[Row]:
+        tokens = (
+            f"tokens: mirror {_f(s.get(f'small_{state}_mirror_tokens'), '.0f')},"
+            f" direct {_f(s.get(f'small_{state}_direct_tokens'), '.0f')}"
+        )
+        return [
+            (
+                f"{n} small images, {state} (skopeo)",
+                _s(s.get(f"small_{state}_mirror_seconds")),
+                f"direct {_s(s.get(f'small_{state}_direct_seconds'))}; {tokens}",
+                _x(s.get(f"small_{state}_speed_vs_direct")),
+                *verdict,
+            ),
+            (
+                f"{n} small images, {state}, vs the peer",
+                _s(s.get(f"small_{state}_mirror_seconds")),
+                f"peer {_s(s.get(f'small_{state}_peer_seconds'))}",
+                _x(s.get(f"small_{state}_speed_vs_peer")),
+                *INFO,
+            ),
+        ]
+
+    return [*row("cold", v[1]), *row("warm", v[0])]
 
 
 def _manifest_row(s: dict[str, Any], kind: str, conns: int, verdict: Verdict) -> Row:
@@ -465,15 +617,55 @@ def _rows(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> list[
     conns = raw["settings"]["connections"]
     cores = raw.get("environment", {}).get("cores")
     return [
-        *_cold_rows(s, v[0]),
-        *_verifier_rows(s),
+        *_cold_rows(s, INFO),
+        *_verifier_rows(s, v[0]),
         *_upstream_rows(s, n, v[1], v[2]),
         *_concurrent_rows(s, n, cores, v[3]),
         *_concurrent_info_rows(s, n),
+        *_warm_client_rows(s, v[9:12]),
         *_warm_rows(s, v[4], v[5]),
+        *_small_rows(s, raw["settings"].get("small_images", 0), v[12:14]),
         _manifest_row(s, "tag", conns, v[6]),
         _manifest_row(s, "digest", conns, v[7]),
         *_server_cost_rows(s, n, v[8]),
+    ]
+
+
+def _wan_rows(raw: dict[str, Any], s: dict[str, Any], w: list[Verdict]) -> list[Row]:
+    """The WAN table: the cold phases with the upstream behind the slow link."""
+    n = raw["settings"]["clients"]
+    curl_direct = s.get("concurrent_curl_direct_wall_seconds")
+    return [
+        *_cold_rows(s, w[0]),
+        *_upstream_rows(s, n, w[2], w[3]),
+        (
+            f"{n} curl clients, one cold image",
+            _s(s.get("concurrent_curl_mirror_wall_seconds")),
+            f"one direct fetch of its blobs {_s(curl_direct)}",
+            _x(s.get("concurrent_curl_time_vs_one_direct")),
+            *w[1],
+        ),
+        (
+            f"{n} curl clients through the peer",
+            _s(s.get("concurrent_curl_peer_wall_seconds")),
+            f"one direct fetch {_s(curl_direct)}",
+            _x(s.get("concurrent_curl_peer_time_vs_one_direct")),
+            *INFO,
+        ),
+        (
+            f"{n} skopeo clients, one cold image",
+            _s(s.get("concurrent_mirror_wall_seconds")),
+            f"peer {_s(s.get('concurrent_peer_wall_seconds'))}",
+            _x(s.get("concurrent_time_vs_peer")),
+            *INFO,
+        ),
+        (
+            "server CPU per cold pull",
+            _server_cpu(s, "cold", "mirror"),
+            f"peer {_server_cpu(s, 'cold', 'peer')}, relay {_server_cpu(s, 'cold', 'relay')}",
+            "",
+            *INFO,
+        ),
     ]
 
 
@@ -507,13 +699,51 @@ def _notes(s: dict[str, Any], checks: list[Target]) -> list[str]:
 
 
 def table(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
-    """The printed report: a row per measurement, then the notes and the targets met."""
-    return "\n".join([*_aligned(_rows(raw, s, checks)), *_notes(s, checks)])
+    """The printed report: a row per measurement, then the notes and the targets met;
+    with the WAN profile, its table after the loopback one."""
+    lines = ["profile loopback: everything on 127.0.0.1", *_aligned(_rows(raw, s, checks))]
+    if "wan" in raw:
+        link = raw["wan"].get("link", {})
+        w = _verdicts(checks)[len(_verdicts(checks)) - len(_wan_targets(raw, s)) :]
+        lines += [
+            "",
+            f"profile wan: the upstream behind a {link.get('rate', '?')} link"
+            " (its own network namespace, a veth pair, htb; no added delay)",
+            *_aligned(_wan_rows(raw, s["wan"], w)),
+        ]
+    return "\n".join([*lines, *_notes(s, checks)])
+
+
+def markdown(raw: dict[str, Any], s: dict[str, Any], checks: list[Target]) -> str:
+    """The same tables as ``table``, as Markdown (for tests/bench/README.md)."""
+
+    def rows(title: str, body: list[Row]) -> list[str]:
+        cells = [HEADER, ("---",) * len(HEADER), *body]
+        return [f"{title}", "", *("| " + " | ".join(c or " " for c in r) + " |" for r in cells)]
+
+    lines = rows("Profile loopback:", _rows(raw, s, checks))
+    if "wan" in raw:
+        w = _verdicts(checks)[len(checks) - len(_wan_targets(raw, s)) :]
+        rate = raw["wan"].get("link", {}).get("rate", "?")
+        lines += [
+            "",
+            *rows(f"Profile wan, the upstream behind {rate}:", _wan_rows(raw, s["wan"], w)),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def write(raw: dict[str, Any], out_dir: Path, stamp: str) -> Path:
+    """The raw numbers as JSON and, once summarized, the tables as Markdown; each also
+    as latest.*."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{stamp}.json"
     path.write_text(json.dumps(raw, indent=2, sort_keys=False) + "\n")
     shutil.copyfile(path, out_dir / "latest.json")
+    if "summary" in raw:
+        checks = [
+            Target(t["name"], t["value"], t["op"], t["threshold"]) for t in raw.get("targets", [])
+        ]
+        md = path.with_suffix(".md")
+        md.write_text(markdown(raw, raw["summary"], checks))
+        shutil.copyfile(md, out_dir / "latest.md")
     return path

@@ -17,9 +17,19 @@ upstream, which caches to disk and checks no digests), then runs:
                 with its writes, costs a client on the same cores
     concurrent  per repetition a fresh image: N skopeo clients at once, mirror and peer
     concurrent_curl  the same with N curl clients to /dev/null (info: the servers' side
-                without N skopeos hashing and writing to disk)
-    warm        the first cold image again: skopeo through mirror and peer; curl of the
-                4 layer files from the mirror and from nginx, in parallel and in sequence
+                without N skopeos hashing and writing to disk), and one curl fetching
+                the same blobs direct (with a token)
+    wan         cold, concurrent and concurrent_curl again with the upstream behind a
+                slow link (tests/bench/wan.py; BENCH_PROFILES, BENCH_WAN_RATE): a second
+                upstream process on the same storage, in a network namespace, with a
+                mirror, a peer and a relay of its own
+    warm        the first cold image again, BENCH_WARM_REPS alternating reps: skopeo
+                through mirror, peer and direct; one curl of its largest layer from
+                mirror, peer and nginx; curl of the 4 layer files from the mirror and
+                from nginx, in parallel and in sequence
+    small_images  BENCH_SMALL_IMAGES one-layer images (3 MiB), pulled one after another
+                by skopeo through mirror, peer and direct: cold (a new set per rep) and
+                warm (the last set again)
     manifests   wrk, 32 connections, by tag and by digest, mirror and peer
     fleet       per repetition a fresh image: N skopeo clients through 3 replicas behind
                 haproxy and through the mirror alone (tests/bench/fleet.py)
@@ -29,8 +39,9 @@ workers), the upstream and the clients, and the 1-minute load average when it st
 (the machine is shared). The N skopeo clients' own CPU over the cores, set against the
 peer's wall, is the best ratio any server could reach in the concurrent phase.
 The mirror's and the peer's RSS is sampled every 50 ms per phase, and VmHWM is reset at
-the start of each phase. With BENCH_PROFILE=1 py-spy records the mirror. The table goes to
-stdout; the raw numbers to bench-results/bench-<timestamp>.json and latest.json.
+the start of each phase. With BENCH_PROFILE=1 py-spy records the mirror. The tables (one
+per profile) go to stdout; the raw numbers to bench-results/bench-<timestamp>.json and
+latest.json (the WAN profile's under "wan").
 Exit status 0 when everything ran (targets may fail: see the table), 1 when the
 harness itself failed, 3 with BENCH_STRICT=1 when a target failed.
 """
@@ -81,8 +92,10 @@ from tests.bench.peers import (
     registry_pid,
     start_upstream,
 )
-from tests.bench.settings import LAYERS, REPO_ROOT, Settings
+from tests.bench.settings import COLD_PHASES, LAYERS, REPO_ROOT, Settings
+from tests.bench.wan import WanLink, WanRegistry
 from tests.upstream.client import UpstreamClient
+from tests.upstream.images import PushedImage, build_image, push_image
 from tests.upstream.registry import REGISTRY_BINARY, RegistryProcess
 from tests.upstream.token_server import TokenServer
 
@@ -94,6 +107,7 @@ TOOLS = {
     NGINX: "nginx",
     REGISTRY_BINARY: "docker-registry",
 }
+WAN_TOOLS = {"ip": "iproute2", "tc": "iproute2"}  # the WAN profile's namespace and qdisc
 
 
 def log(message: str) -> None:
@@ -120,8 +134,14 @@ class Bench:
         relay: Relay,
         sampler: RssSampler,
         profiler: Profiler,
+        profile: str = "loopback",
     ) -> None:
         self.s = settings
+        self.profile = profile
+        self.wan: Bench | None = None  # the same phases over the slow link (COLD_PHASES)
+        # Where images are pushed: the loopback upstream, whose storage the WAN one shares
+        # (the test client that pushes speaks to 127.0.0.1 only).
+        self.push_to = upstream
         self.work = work
         self.raw = raw
         self.token_server = token_server
@@ -168,9 +188,11 @@ class Bench:
         }
 
     def image(self, name: str, layer_bytes: int | None = None) -> BenchImage:
+        if self.profile != "loopback":  # the upstreams share their storage, so their tags
+            name = f"{name}-{self.profile}"
         log(f"building and pushing {name}")
         img = make_image(
-            self.upstream,
+            self.push_to,
             self.token_server,
             self.work / "build",
             name,
@@ -305,17 +327,20 @@ class Bench:
         """N skopeo clients at once, direct (the clients' own floor), through the mirror
         and through the peer. The first N-client run after the cold phase is slower for
         whoever goes first (the clients' 5 GB of output makes the kernel reclaim page
-        cache), so an unmeasured direct run comes first."""
+        cache), so an unmeasured direct run comes first. Over the slow link, N direct
+        pulls would mostly measure the link (N times the image), so only the mirror and
+        the peer run there."""
         n = self.s.clients
-        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "mirror": [], "peer": []}
+        sides = ["direct", "mirror", "peer"] if self.profile == "loopback" else ["mirror", "peer"]
+        runs: dict[str, list[dict[str, Any]]] = {who: [] for who in sides}
         self.raw["concurrent"] = runs
         for rep in range(self.s.reps):
             img = self.image(f"bench-many-{rep + 1}")
-            if rep == 0:
+            if rep == 0 and "direct" in sides:
                 dests = [self.out(f"warm-up-{i}") for i in range(n)]
                 wall, _ = skopeo_many(img.ref(self.hosts["direct"]), dests, img.blobs)
                 log(f"{n} clients direct, unmeasured warm-up: {wall:.2f} s")
-            for who in rotate(["direct", "mirror", "peer"], rep):
+            for who in rotate(sides, rep):
                 begun = self._begin()
                 dests = [self.out(f"{who}-{i}") for i in range(n)]
                 profile = (
@@ -347,16 +372,17 @@ class Bench:
     def warm(self) -> None:
         img = self.ensure_warm_image()
         warm: dict[str, dict[str, list[dict[str, Any]]]] = {
-            "skopeo": {"mirror": [], "peer": []},
+            "skopeo": {"mirror": [], "peer": [], "direct": []},
+            "curl_one": {"mirror": [], "peer": [], "nginx": []},
             "curl_parallel": {"mirror": [], "nginx": []},
             "curl_sequential": {"mirror": [], "nginx": []},
         }
         self.raw["warm"] = warm
         self.raw["warm_image"] = img.repo
-        for who in ("mirror", "peer"):  # unmeasured: the tag's TTL and the page cache
+        for who in ("mirror", "peer", "direct"):  # unmeasured: the tag's TTL, the page cache
             skopeo(img.ref(self.hosts[who]), self.out(who), img.blobs)
-        for rep in range(self.s.reps):
-            for who in rotate(["mirror", "peer"], rep):
+        for rep in range(self.s.warm_reps):
+            for who in rotate(["mirror", "peer", "direct"], rep):
                 mark, cpu = self.log.mark(), self.cpu.snapshot()
                 profile = self.profiler.record("warm") if who == "mirror" and rep == 0 else None
                 with profile or contextlib.nullcontext():
@@ -365,6 +391,7 @@ class Bench:
                 warm["skopeo"][who].append(
                     {
                         "rep": rep + 1,
+                        "loadavg_1m": os.getloadavg()[0],
                         "cpu_seconds": self.cpu.since(cpu),
                         "seconds": round(seconds, 4),
                         "mb_per_s": round(img.size / seconds / MB, 2),
@@ -372,6 +399,7 @@ class Bench:
                     }
                 )
                 log(f"warm skopeo {who:6} rep {rep + 1}: {seconds:.2f} s")
+        self.warm_one_stream(img, warm["curl_one"])
         # Each measurement moves ~CURL_BYTES, so that it lasts long enough to be steady.
         layers = img.layers
         total = sum(b.size for b in layers)
@@ -384,7 +412,7 @@ class Bench:
         for mode in ("curl_parallel", "curl_sequential"):
             for who in ("mirror", "nginx"):  # unmeasured warm-up
                 self.curl_warm(who, mode == "curl_parallel", 1)
-            for rep in range(max(self.s.reps, 5)):
+            for rep in range(self.s.warm_reps):
                 for who in rotate(["mirror", "nginx"], rep):
                     mark, cpu = self.log.mark(), self.cpu.snapshot()
                     seconds = self.curl_warm(who, mode == "curl_parallel", rounds)
@@ -402,6 +430,36 @@ class Bench:
                     rate = total * rounds / seconds / MB
                     log(f"warm {mode} {who:6} rep {rep + 1}: {rate:.0f} MB/s")
 
+    def warm_one_stream(self, img: BenchImage, runs: dict[str, list[dict[str, Any]]]) -> None:
+        """One curl, one GET of the image's largest layer: a single stream's pace, from
+        the mirror, the peer and nginx (on the mirror's file), alternating."""
+        blob = max(img.layers, key=lambda b: b.size)
+        urls = {
+            who: f"{base}/v2/{img.repo}/blobs/{blob.digest}"
+            for who, base in (
+                ("mirror", self.mirror.url),
+                ("peer", self.peer.url),
+                ("nginx", self.nginx.url),
+            )
+        }
+        for url in urls.values():  # unmeasured warm-up
+            curl_blobs([[url]], {url: blob.size})
+        for rep in range(self.s.warm_reps):
+            for who in rotate(list(urls), rep):
+                cpu = self.cpu.snapshot()
+                seconds = curl_blobs([[urls[who]]], {urls[who]: blob.size})
+                runs[who].append(
+                    {
+                        "rep": rep + 1,
+                        "loadavg_1m": os.getloadavg()[0],
+                        "cpu_seconds": self.cpu.since(cpu),
+                        "seconds": round(seconds, 4),
+                        "bytes": blob.size,
+                        "mb_per_s": round(blob.size / seconds / MB, 2),
+                    }
+                )
+                log(f"warm one curl {who:6} rep {rep + 1}: {blob.size / seconds / MB:.0f} MB/s")
+
     def curl_warm(self, who: str, parallel: bool, rounds: int) -> float:
         """The 4 layers ``rounds`` times: 4 curls at once (one per layer), or one curl."""
         urls, sizes = self.curl_urls[who]
@@ -410,25 +468,92 @@ class Bench:
 
     def concurrent_curl(self) -> None:
         """Like ``concurrent`` but the clients are curl to /dev/null (each GETs the config
-        and the layers in turn): the servers' side, without 8 skopeos writing to disk."""
+        and the layers in turn): the servers' side, without 8 skopeos writing to disk.
+        ``direct`` is one curl fetching the same blobs from the upstream (with a token):
+        over a slow link, the time the bytes take to cross it once, the least N clients
+        of any cache can take."""
         n = self.s.clients
-        runs: dict[str, list[dict[str, Any]]] = {"mirror": [], "peer": []}
+        runs: dict[str, list[dict[str, Any]]] = {"mirror": [], "peer": [], "direct": []}
         self.raw["concurrent_curl"] = runs
         for rep in range(self.s.reps):
             img = self.image(f"bench-many-curl-{rep + 1}")
-            for who in rotate(["mirror", "peer"], rep):
+            for who in rotate(["mirror", "peer", "direct"], rep):
                 base = f"http://{self.hosts[who]}"
                 urls = [f"{base}/v2/{img.repo}/blobs/{b.digest}" for b in img.blobs]
                 sizes = {url: b.size for url, b in zip(urls, img.blobs, strict=True)}
+                clients = 1 if who == "direct" else n
+                headers = [self.bearer(img.repo)] if who == "direct" else []
                 settle_disk()
                 begun = self._begin()
-                wall = curl_blobs([urls] * n, sizes)
-                run = self._finish(rep, begun, img) | {"clients": n, "wall_seconds": round(wall, 4)}
+                wall = curl_blobs([urls] * clients, sizes, headers)
+                run = self._finish(rep, begun, img) | {
+                    "clients": clients,
+                    "wall_seconds": round(wall, 4),
+                }
                 runs[who].append(run)
                 log(
-                    f"{n} curl clients {who:6} rep {rep + 1}: {wall:.2f} s,"
+                    f"{clients} curl clients {who:6} rep {rep + 1}: {wall:.2f} s,"
                     f" upstream {run['upstream_ratio']:.3f}x"
                 )
+
+    def bearer(self, repo: str) -> str:
+        """The Authorization header a direct client gets for pulling ``repo``."""
+        access = [{"type": "repository", "name": repo, "actions": ["pull"]}]
+        return f"Authorization: Bearer {self.token_server.issue_token(access)}"
+
+    def small_set(self, name: str) -> list[PushedImage]:
+        """``BENCH_SMALL_IMAGES`` images of one alpine-sized layer (3 MiB of random data),
+        each in a repository of its own, pushed to the upstream."""
+        images = []
+        for i in range(self.s.small_images):
+            seed = f"pullthrough-bench/{name}/{i}/{time.time_ns()}"
+            image = build_image(seed, layer_sizes=(3 << 20,))
+            images.append(
+                push_image(self.upstream, self.token_server, f"library/{name}-{i}", "v1", image)
+            )
+        return images
+
+    def pull_all(self, who: str, images: list[PushedImage]) -> dict[str, Any]:
+        """skopeo pulls every image in turn: the wall time, upstream requests and tokens."""
+        mark, tokens = self.log.mark(), len(self.token_server.requests)
+        cpu, load = self.cpu.snapshot(), os.getloadavg()[0]
+        seconds = 0.0
+        for img in images:
+            ref = img.docker_ref(self.hosts[who])
+            seconds += skopeo(ref, self.out(f"small-{who}"), img.blobs)
+        self.log.settle(quiet=0.3)
+        return {
+            "loadavg_1m": load,
+            "cpu_seconds": self.cpu.since(cpu),
+            "seconds": round(seconds, 4),
+            "images": len(images),
+            "token_requests": len(self.token_server.requests) - tokens,
+            "upstream_requests": self.log.since(mark).summary(),
+        }
+
+    def small_images(self) -> None:
+        """Small images pulled one after another by skopeo, where per-request costs
+        (ping, token, manifest, config, one layer; a process per pull) are the whole
+        pull. Cold: per repetition a new set, through mirror, peer and direct in turn
+        (order rotated); warm: the last set again, ``BENCH_WARM_REPS`` times."""
+        result: dict[str, dict[str, list[dict[str, Any]]]] = {
+            "cold": {"mirror": [], "peer": [], "direct": []},
+            "warm": {"mirror": [], "peer": [], "direct": []},
+        }
+        self.raw["small_images"] = result
+        images: list[PushedImage] = []
+        for rep in range(self.s.reps):
+            log(f"building and pushing {self.s.small_images} small images")
+            images = self.small_set(f"bench-small-{rep + 1}")
+            for who in rotate(["mirror", "peer", "direct"], rep):
+                run = self.pull_all(who, images) | {"rep": rep + 1}
+                result["cold"][who].append(run)
+                log(f"small images cold {who:6} rep {rep + 1}: {run['seconds']:.2f} s")
+        for rep in range(self.s.warm_reps):
+            for who in rotate(["mirror", "peer", "direct"], rep):
+                run = self.pull_all(who, images) | {"rep": rep + 1}
+                result["warm"][who].append(run)
+                log(f"small images warm {who:6} rep {rep + 1}: {run['seconds']:.2f} s")
 
     def manifests(self) -> None:
         img = self.ensure_warm_image()
@@ -478,17 +603,33 @@ class Bench:
             "cold": self.cold,
             "concurrent": self.concurrent,
             "concurrent_curl": self.concurrent_curl,
+            "wan": self.run_wan,
             "warm": self.warm,
+            "small_images": self.small_images,
             "manifests": self.manifests,
             "fleet": self.fleet_phase,
         }
         for name, phase in phases.items():
-            if name != "check" and name not in self.s.phases:
+            if name in COLD_PHASES and "loopback" not in self.s.profiles:
+                continue
+            if name == "wan" and self.wan is None:
+                continue
+            if name not in ("check", "wan") and name not in self.s.phases:
                 continue
             phase_started = time.perf_counter()
             with self.sampler.phase(name):
                 phase()
             self.raw["phase_seconds"][name] = round(time.perf_counter() - phase_started, 1)
+
+    def run_wan(self) -> None:
+        """The cold phases again, with the upstream behind the slow link (``wan.py``):
+        their results go to ``raw["wan"]``, laid out as the loopback ones are."""
+        assert self.wan is not None
+        for name in COLD_PHASES:
+            if name in self.s.phases:
+                phase_started = time.perf_counter()
+                getattr(self.wan, name)()
+                self.wan.raw["phase_seconds"][name] = round(time.perf_counter() - phase_started, 1)
 
 
 def _check_manifest(port: int, path: str, digest: str) -> None:
@@ -547,8 +688,9 @@ def environment(work: Path) -> dict[str, Any]:
     }
 
 
-def _missing_tools() -> list[str]:
-    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+def _missing_tools(settings: Settings) -> list[str]:
+    tools = TOOLS | (WAN_TOOLS if "wan" in settings.profiles else {})
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if not PULLTHROUGH.exists():
         missing.append("pullthrough (make install)")
     return missing
@@ -570,6 +712,19 @@ class Processes:
     mirror: Mirror
     peer: Peer
     nginx: Nginx
+    relay: Relay
+    wan: WanProcesses | None = None
+
+
+@dataclass(frozen=True)
+class WanProcesses:
+    """The WAN profile's side: the link, the upstream behind it, and a mirror, a peer
+    and a relay of their own in front of it."""
+
+    link: WanLink
+    upstream: RegistryProcess
+    mirror: Mirror
+    peer: Peer
     relay: Relay
 
 
@@ -600,7 +755,31 @@ class Servers:
         relay = Relay(work / "relay", upstream.host, settings.nginx_workers)
         relay.start()
         stack.callback(relay.stop)
-        return Processes(token_server, upstream, mirror, peer, nginx, relay)
+        wan = self.start_wan(stack, token_server, upstream) if "wan" in settings.profiles else None
+        return Processes(token_server, upstream, mirror, peer, nginx, relay, wan)
+
+    def start_wan(
+        self, stack: contextlib.ExitStack, token_server: TokenServer, upstream: RegistryProcess
+    ) -> WanProcesses:
+        """The link first, so that it is removed last, after everything behind it."""
+        work, settings = self.work / "wan", self.settings
+        link = WanLink(settings.wan_rate)
+        stack.callback(link.close)
+        link.open()
+        log(f"WAN link {link.netns}: upstream at {link.upstream_address}, {link.rate}")
+        remote = WanRegistry(work / "upstream", token_server, upstream.storage_dir, link)
+        stack.callback(remote.close)
+        remote.start()
+        mirror = Mirror(work / "mirror", remote.url)
+        mirror.start(env=settings.mirror_env)
+        stack.callback(mirror.stop)
+        peer = Peer(work / "peer", remote)
+        peer.start()
+        stack.callback(peer.close)
+        relay = Relay(work / "relay", remote.host, settings.nginx_workers)
+        relay.start()
+        stack.callback(relay.stop)
+        return WanProcesses(link, remote, mirror, peer, relay)
 
 
 def _new_raw(settings: Settings, stamp: str, work: Path) -> dict[str, Any]:
@@ -622,6 +801,10 @@ def _new_raw(settings: Settings, stamp: str, work: Path) -> dict[str, Any]:
             " 1d, proxy_cache_lock on; caches to disk, checks no digests",
             "phases": list(settings.phases),
             "mirror_env": settings.mirror_env,
+            "profiles": list(settings.profiles),
+            "wan_rate": settings.wan_rate,
+            "warm_reps": settings.warm_reps,
+            "small_images": settings.small_images,
         },
         "environment": environment(work),
         "checks": {},
@@ -671,12 +854,44 @@ def _measure(settings: Settings, stamp: str, raw: dict[str, Any], servers: Serve
             sampler,
             profiler,
         )
+        if up.wan is not None:
+            bench.wan = _wan_bench(bench, up.wan)
         try:
             bench.run()
         finally:
             raw["rss"] = sampler.report()
-            raw["profiles"] = profiler.files
+            raw["profiles"] = profiler.files + (bench.wan.profiler.files if bench.wan else [])
             raw["mirror_log"] = _log_counts(up.mirror.log_path.read_text(errors="replace"))
+
+
+def _wan_bench(bench: Bench, wan: WanProcesses) -> Bench:
+    """A Bench on the WAN side, writing to ``raw["wan"]``: same settings and images."""
+    raw = bench.raw
+    raw["wan"] = {
+        "settings": raw["settings"],
+        "environment": raw["environment"],
+        "link": wan.link.describe(),
+        "images": {},
+        "phase_seconds": {},
+    }
+    wan_bench = Bench(
+        bench.s,
+        bench.work / "wan",
+        raw["wan"],
+        bench.token_server,
+        wan.upstream,
+        wan.mirror,
+        wan.peer,
+        bench.nginx,
+        wan.relay,
+        bench.sampler,
+        Profiler(
+            wan.mirror.pid, bench.profiler.out_dir.with_name(bench.profiler.out_dir.name + "-wan")
+        ),
+        profile="wan",
+    )
+    wan_bench.push_to = bench.upstream
+    return wan_bench
 
 
 def _log_counts(text: str) -> dict[str, int]:
@@ -759,9 +974,16 @@ def _exit_status(failed: bool, checks: list[report.Target]) -> int:
 
 def main() -> int:
     settings = Settings.from_env()
-    missing = _missing_tools()
+    missing = _missing_tools(settings)
     if missing:
         print(f"bench: missing {', '.join(missing)}; apt-get install them", file=sys.stderr)
+        return 1
+    if "wan" in settings.profiles and os.geteuid() != 0:
+        print(
+            "bench: the WAN profile makes a network namespace and a qdisc, which takes root;"
+            " run as root, or set BENCH_PROFILES=loopback",
+            file=sys.stderr,
+        )
         return 1
     signal.signal(signal.SIGTERM, _terminate)
     stamp, work, raw = _prepare(settings)

@@ -6,6 +6,10 @@ BENCH_CLIENTS        clients pulling one cold image at once (8)
 BENCH_CONNECTIONS    concurrent connections of the manifest load (32)
 BENCH_LOAD_SECONDS   duration of one manifest load measurement (5)
 BENCH_NGINX_WORKERS  worker processes of each nginx, relay too (1, like the one-process mirror)
+BENCH_PROFILES       where the cold phases run: loopback, wan or both (loopback,wan)
+BENCH_WAN_RATE       the WAN profile's link to the upstream, in tc's syntax (1gbit)
+BENCH_WARM_REPS      alternating repetitions of the warm and small-image phases (5, at least 5)
+BENCH_SMALL_IMAGES   how many small images the small-images phase pulls one after another (20)
 BENCH_OUT            where results go (<repo>/bench-results)
 BENCH_KEEP           1: keep the working directory (images, caches, logs) afterwards
 """
@@ -18,7 +22,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAYERS = 4
-PHASES = ("cold", "concurrent", "concurrent_curl", "warm", "manifests", "fleet")
+PHASES = ("cold", "concurrent", "concurrent_curl", "warm", "small_images", "manifests", "fleet")
+PROFILES = ("loopback", "wan")
+# The phases that run once per profile; the others run on loopback only.
+COLD_PHASES = ("cold", "concurrent", "concurrent_curl")
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -48,6 +55,10 @@ class Settings:
     keep: bool
     phases: tuple[str, ...]
     mirror_env: dict[str, str]
+    profiles: tuple[str, ...] = PROFILES
+    wan_rate: str = "1gbit"
+    warm_reps: int = 5
+    small_images: int = 20
 
     @property
     def layer_bytes(self) -> int:
@@ -69,6 +80,10 @@ class Settings:
             mirror_env=dict(
                 item.split("=", 1) for item in os.environ.get("BENCH_MIRROR_ENV", "").split()
             ),
+            profiles=_profiles(os.environ.get("BENCH_PROFILES", "")),
+            wan_rate=os.environ.get("BENCH_WAN_RATE", "").strip() or "1gbit",
+            warm_reps=_int("BENCH_WARM_REPS", 5, minimum=5),
+            small_images=_int("BENCH_SMALL_IMAGES", 20),
         )
 
 
@@ -78,3 +93,11 @@ def _phases(raw: str) -> tuple[str, ...]:
     if unknown:
         raise SystemExit(f"BENCH_PHASES: unknown {sorted(unknown)}; choose from {PHASES}")
     return tuple(p for p in PHASES if p in wanted) if wanted else PHASES
+
+
+def _profiles(raw: str) -> tuple[str, ...]:
+    wanted = [p.strip() for p in raw.split(",") if p.strip()]
+    unknown = set(wanted) - set(PROFILES)
+    if unknown:
+        raise SystemExit(f"BENCH_PROFILES: unknown {sorted(unknown)}; choose from {PROFILES}")
+    return tuple(p for p in PROFILES if p in wanted) if wanted else PROFILES

@@ -123,16 +123,20 @@ class RegistryProcess:
         self.config_path = workdir / "config.yml"
         self.log_path = workdir / "registry.log"
         self.port = 0
+        # Where it listens, and what its command runs under (the bench's WAN profile
+        # puts it in a network namespace of its own: `ip netns exec NAME`).
+        self.address = "127.0.0.1"
+        self.command_prefix: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}"
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -229,7 +233,7 @@ class RegistryProcess:
         # (JSON app log) share one file description, hence whole-line writes.
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
-            [REGISTRY_BINARY, "serve", str(self.config_path)],
+            [*self.command_prefix, REGISTRY_BINARY, "serve", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -248,7 +252,7 @@ class RegistryProcess:
         raise RuntimeError(f"docker-registry did not answer within {timeout}s:\n{self._log_tail()}")
 
     def _ping(self, query: str = "") -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=2)
         try:
             conn.request("GET", "/v2/" + query)
             resp = conn.getresponse()
@@ -296,7 +300,7 @@ class RegistryProcess:
             "    uploadpurging:\n"
             "      enabled: false\n"
             "http:\n"
-            f"  addr: 127.0.0.1:{self.port}\n"
+            f"  addr: {self.host}\n"
             "  secret: pullthrough-test-secret\n"
             f"{auth}"
         )
