@@ -5,7 +5,7 @@ and `cache` (storage) never imports from `proxy`.
 
     HTTP surface     app.py          routes, middleware, the resources the app owns (keys.py)
                      handlers.py     thin handlers: parse, call one service, respond
-                     responses.py    streaming a blob body (sendfile.py, stall.py)
+                     responses.py    streaming a blob body (file_sender.py, stall.py)
                      client_auth.py  logins of the mirror's own clients (htpasswd)
                      observe.py      request ids, access log, request metrics (metrics.py)
                      errors.py       the OCI error envelope for every error

@@ -27,6 +27,7 @@ from proxy.blobs import UPSTREAM_CHUNK, BlobService
 from proxy.client_auth import authenticator
 from proxy.config import CacheConfig, Config
 from proxy.errors import error_middleware
+from proxy.file_sender import FileSender
 from proxy.keys import (
     BLOBS,
     CACHE,
@@ -46,7 +47,6 @@ from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.observe import add_request_id, observe_middleware
 from proxy.reload import LiveConfig, Reloader
-from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.tls import warn_insecure
 from proxy.upstream import UpstreamClient

@@ -7,11 +7,11 @@ from aiohttp import ClientSession, web
 from cache.eviction import Evictor
 from cache.store import Cache
 from proxy.blobs import BlobService
+from proxy.file_sender import FileSender
 from proxy.listings import ListingService
 from proxy.manifests import ManifestService
 from proxy.metrics import Metrics
 from proxy.reload import LiveConfig
-from proxy.sendfile import FileSender
 from proxy.tasks import BackgroundTasks
 from proxy.upstream import UpstreamClient
 

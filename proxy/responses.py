@@ -1,7 +1,7 @@
 """Streaming a blob to a client, from a committed file or a fill in progress.
 
 Over plain HTTP every span of a blob file, committed or still growing, goes out from
-the app's `FileSender` threads (figures in `proxy.sendfile`), which read it in bursts, so
+the app's `FileSender` threads (figures in `proxy.file_sender`), which read it in bursts, so
 8 clients following one fill cost no buffers beyond a burst's. Small spans, over TLS
 all spans, are read with pread on the loop; pass-through bytes held in memory are
 written as they are.

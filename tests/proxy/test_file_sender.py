@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cache.errors import FillFailed
-from proxy.sendfile import FileSender
+from proxy.file_sender import FileSender
 
 MiB = 1 << 20
 
