@@ -85,6 +85,11 @@ class Mirror:
             raise AssertionError(f"{sample} not exported")
         return value
 
+    async def lookups(self, kind: str, result: str, upstream: str = "docker.io") -> float:
+        """`pullthrough_cache_requests_total` for one kind, result and upstream."""
+        labels = f'kind="{kind}",result="{result}",upstream="{upstream}"'
+        return await self.metric(f"pullthrough_cache_requests_total{{{labels}}}")
+
     def temp_files(self) -> list[Path]:
         return list((self.cache_dir / "tmp").iterdir())
 

@@ -36,11 +36,6 @@ async def get(mirror: Mirror, path: str) -> tuple[int, dict[str, str], Any]:
         return response.status, dict(response.headers), await response.json(content_type=None)
 
 
-async def counted(mirror: Mirror, kind: str, result: str) -> float:
-    labels = f'kind="{kind}",result="{result}",upstream="docker.io"'
-    return await mirror.metric(f"pullthrough_cache_requests_total{{{labels}}}")
-
-
 def add_tags(upstream: FakeUpstream, *tags: str) -> None:
     for tag in tags:
         upstream.add_manifest(REPO, tag, f'{{"t":"{tag}"}}'.encode(), OCI_MANIFEST)
@@ -68,7 +63,7 @@ async def test_tags_are_served_from_the_store_within_listing_ttl(
     second = await get(mirror, "/v2/app/tags/list")
     assert second[2] == first[2] and second[1]["Cache-Control"] == "max-age=1"
     assert fake_upstream.count("GET", TAGS_PATH) == 1
-    assert (await counted(mirror, "tags", "miss"), await counted(mirror, "tags", "hit")) == (1, 1)
+    assert (await mirror.lookups("tags", "miss"), await mirror.lookups("tags", "hit")) == (1, 1)
 
     mirror.clock.advance(2)  # past the TTL: upstream is asked again
     assert (await get(mirror, "/v2/app/tags/list"))[2]["tags"] == ["v1", "v2", "v3"]
@@ -99,7 +94,7 @@ async def test_a_failing_upstream_gets_the_stored_answer_counted_stale(
         answer = await get(mirror, path)
     assert (answer[0], answer[1]["Cache-Control"], answer[2]) == (200, "no-cache", stored[2])
     assert fault.hits == 1
-    assert await counted(mirror, kind, "stale") == 1
+    assert await mirror.lookups(kind, "stale") == 1
     assert "upstream failed" in caplog.text and "docker.io/library/app" in caplog.text
 
 
@@ -118,8 +113,8 @@ async def test_an_unreachable_upstream_gets_stored_tags_and_referrers(
     assert (status, headers["Cache-Control"], body) == (200, "no-cache", tags[2])
     again = await get(mirror, f"/v2/app/referrers/{SUBJECT}")
     assert (again[0], again[1]["Content-Type"], again[2]) == (200, OCI_INDEX, referrers[2])
-    assert await counted(mirror, "tags", "stale") == 1
-    assert await counted(mirror, "referrers", "stale") == 1
+    assert await mirror.lookups("tags", "stale") == 1
+    assert await mirror.lookups("referrers", "stale") == 1
 
 
 async def test_nothing_stored_and_upstream_down_is_the_same_error_as_before(
@@ -171,7 +166,7 @@ async def test_each_page_is_stored_under_its_own_query_with_its_link(
     # A query never asked for has no stored answer.
     status, _, body = await get(mirror, "/v2/app/tags/list?n=1")
     assert (status, body["errors"][0]["code"]) == (503, "UNAVAILABLE")
-    assert await counted(mirror, "tags", "stale") == 3
+    assert await mirror.lookups("tags", "stale") == 3
 
 
 async def test_answers_are_never_shared_between_repositories_or_upstreams(
@@ -225,13 +220,13 @@ async def test_referrers_pass_through_and_are_stored_per_artifact_type(
         status, headers, body = await get(mirror, f"/v2/app/referrers/{SUBJECT}")
         assert (status, headers["Content-Type"], body) == (200, OCI_INDEX, everything[2])
     assert fake_upstream.count("GET", REFERRERS_PATH) == 2
-    assert await counted(mirror, "referrers", "hit") == 2
+    assert await mirror.lookups("referrers", "hit") == 2
 
     fake_upstream.set_fault(REFERRERS_PATH, Fault(status=503))
     mirror.clock.advance(TTL + 1)
     stale = await get(mirror, f"/v2/app/referrers/{SUBJECT}?artifactType=application/x-sbom")
     assert (stale[2], stale[1]["OCI-Filters-Applied"]) == (sboms[2], "artifactType")
-    assert await counted(mirror, "referrers", "stale") == 1
+    assert await mirror.lookups("referrers", "stale") == 1
 
 
 async def test_without_a_referrers_api_an_unknown_repository_is_still_name_unknown(
@@ -323,7 +318,7 @@ async def test_referrers_come_from_cached_manifests_when_upstream_is_down(
     )
     status, headers, body = await get(mirror, f"/v2/app/referrers/{SUBJECT}?artifactType=x/none")
     assert (status, body["manifests"], headers["OCI-Filters-Applied"]) == (200, [], "artifactType")
-    assert await counted(mirror, "referrers", "stale") == 3
+    assert await mirror.lookups("referrers", "stale") == 3
     # Another repository's referrer is not this one's, and one that knows nothing of the
     # subject gets the error, as before.
     status, _, body = await get(mirror, f"/v2/third/referrers/{SUBJECT}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from tests.e2e.skopeo import skopeo
 from tests.mirror import MakeMirror, Mirror
+from tests.proxy.test_listings import get
 from tests.upstream.client import Blob, UpstreamClient
 from tests.upstream.images import OCI_INDEX, OCI_MANIFEST, build_image, push_image
 from tests.upstream.registry import RegistryProcess
@@ -47,16 +48,6 @@ def descriptor(data: bytes, artifact_type: str, note: str) -> dict[str, Any]:
         "artifactType": artifact_type,
         "annotations": {"org.example.note": note},
     }
-
-
-async def referrers(mirror: Mirror, path: str) -> tuple[int, dict[str, str], Any]:
-    async with mirror.get(path) as response:
-        return response.status, dict(response.headers), await response.json(content_type=None)
-
-
-async def counted(mirror: Mirror, kind: str, result: str) -> float:
-    labels = f'kind="{kind}",result="{result}",upstream="docker.io"'
-    return await mirror.metric(f"pullthrough_cache_requests_total{{{labels}}}")
 
 
 async def list_tags(mirror: Mirror, name: str) -> list[str]:
@@ -103,40 +94,40 @@ async def test_tags_and_referrers_through_the_mirror_with_the_registry_up_then_s
             assert response.status == 200, reference
 
     path = f"/v2/signed/referrers/{image.digest}"
-    status, headers, index = await referrers(mirror, path)
+    status, headers, index = await get(mirror, path)
     assert (status, headers["Content-Type"]) == (200, OCI_INDEX)
     expected = sorted(
         [descriptor(sbom, SBOM, "sbom"), descriptor(signature, SIGNATURE, "signature")],
         key=lambda d: str(d["digest"]),
     )
     assert index == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": expected}
-    status, headers, only = await referrers(mirror, f"{path}?artifactType={SBOM}")
+    status, headers, only = await get(mirror, f"{path}?artifactType={SBOM}")
     assert (only["manifests"], headers["OCI-Filters-Applied"]) == (
         [descriptor(sbom, SBOM, "sbom")],
         "artifactType",
     )
-    status, _, body = await referrers(mirror, f"/v2/no/such/referrers/{image.digest}")
+    status, _, body = await get(mirror, f"/v2/no/such/referrers/{image.digest}")
     assert (status, body["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
-    assert await counted(mirror, "referrers", "hit") == 2
+    assert await mirror.lookups("referrers", "hit") == 2
 
     registry.stop()
     mirror.clock.advance(TTL + 1)
     assert sorted(await list_tags(mirror, "signed")) == tags
-    assert await counted(mirror, "tags", "stale") == 1
+    assert await mirror.lookups("tags", "stale") == 1
     # Past the TTL, upstream is asked (and fails): the index is built from the cache,
     # the signature coming from the referrers tag the mirror cached.
-    status, headers, body = await referrers(mirror, path)
+    status, headers, body = await get(mirror, path)
     assert (status, headers["Content-Type"], headers["Cache-Control"], body) == (
         200,
         OCI_INDEX,
         "no-cache",
         index,
     )
-    status, headers, body = await referrers(mirror, f"{path}?artifactType={SIGNATURE}")
+    status, headers, body = await get(mirror, f"{path}?artifactType={SIGNATURE}")
     assert body["manifests"] == [descriptor(signature, SIGNATURE, "signature")]
-    assert await counted(mirror, "referrers", "stale") == 2
+    assert await mirror.lookups("referrers", "stale") == 2
     # What the mirror never listed, it can't answer for while upstream is down.
-    status, _, body = await referrers(mirror, f"/v2/other/referrers/{image.digest}")
+    status, _, body = await get(mirror, f"/v2/other/referrers/{image.digest}")
     assert (status, body["errors"][0]["code"]) == (503, "UNAVAILABLE")
     with_error = await skopeo_fails(
         "list-tags", "--tls-verify=false", f"docker://{mirror.host}/other"

@@ -139,8 +139,7 @@ async def test_a_stopped_real_upstream_serves_stale_then_recovers(
         "UNAVAILABLE",
         None,
     )
-    stale = 'pullthrough_cache_requests_total{kind="manifest",result="stale",upstream="docker.io"}'
-    assert await mirror.metric(stale) == 1
+    assert await mirror.lookups("manifest", "stale") == 1
 
     registry.start()
     mirror.clock.advance(60)  # past the breaker's interval: the next request probes

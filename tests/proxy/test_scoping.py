@@ -43,11 +43,6 @@ def gets(upstream: FakeUpstream) -> list[str]:
     return [r.path for r in upstream.requests if r.method == "GET"]
 
 
-async def confirmations(mirror: Mirror, kind: str) -> float:
-    labels = f'kind="{kind}",result="confirmed",upstream="docker.io"'
-    return await mirror.metric(f"pullthrough_cache_requests_total{{{labels}}}")
-
-
 async def served_as_linked(mirror: Mirror, upstream: FakeUpstream, path: str, data: bytes) -> None:
     """Once confirmed, the pair is linked: a plain hit, upstream not asked again."""
     upstream.clear()
@@ -97,7 +92,7 @@ async def test_upstream_confirms_and_the_stored_blob_is_served_without_a_downloa
     assert all(result == (200, None, data) for result in results)
     assert fake_upstream.count("HEAD", path) == 1  # shared by the concurrent requesters
     assert gets(fake_upstream) == []
-    assert await confirmations(mirror, "blob") == 5
+    assert await mirror.lookups("blob", "confirmed") == 5
     await served_as_linked(mirror, fake_upstream, path, data)
 
 
@@ -157,9 +152,8 @@ async def test_share_when_down_serves_a_public_upstreams_content_to_any_reposito
 
     assert await answer(mirror, f"/v2/{OTHER}/blobs/{blob}") == (200, None, layer)
     assert await answer(mirror, f"/v2/{OTHER}/manifests/{digest}") == (200, None, manifest)
-    stale = 'pullthrough_cache_requests_total{kind="blob",result="stale",upstream="docker.io"}'
-    assert await mirror.metric(stale) == 1
-    assert await confirmations(mirror, "blob") == 0
+    assert await mirror.lookups("blob", "stale") == 1
+    assert await mirror.lookups("blob", "confirmed") == 0
 
 
 def manifest_bytes() -> bytes:
@@ -216,7 +210,7 @@ async def test_upstream_confirms_a_manifest_by_digest_with_one_head(
 
     assert await answer(mirror, path) == (200, None, data)
     assert [r.method for r in fake_upstream.requests if r.path == path] == ["HEAD"]
-    assert await confirmations(mirror, "manifest") == 1
+    assert await mirror.lookups("manifest", "confirmed") == 1
     await served_as_linked(mirror, fake_upstream, path, data)
 
 
