@@ -12,8 +12,8 @@ from cache.errors import StoreClosed
 from cache.index import INDEX_SUBJECTS, SCHEMA_VERSION, Index
 from cache.referrers import Reference
 
-# The schema of version 1, as the first releases wrote it: one tag row per media type.
-V1 = """
+# The blob tables, unchanged from version 1 to 2.
+BLOBS_V1 = """
 CREATE TABLE blobs (
     digest TEXT PRIMARY KEY, size INTEGER NOT NULL, media_type TEXT,
     created REAL NOT NULL, last_access REAL NOT NULL
@@ -24,6 +24,11 @@ CREATE TABLE repo_blobs (
     PRIMARY KEY (upstream, repo, digest)
 ) WITHOUT ROWID;
 CREATE INDEX repo_blobs_by_digest ON repo_blobs (digest);
+"""
+# The schema of version 1, as the first releases wrote it: one tag row per media type.
+V1 = (
+    BLOBS_V1
+    + """
 CREATE TABLE tags (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL,
     media_type TEXT NOT NULL, digest TEXT NOT NULL, checked REAL NOT NULL,
@@ -33,6 +38,7 @@ INSERT INTO blobs VALUES ('sha256:aa', 10, 'application/x-index', 1, 1);
 INSERT INTO tags VALUES ('docker.io', 'library/app', 'v1', 'application/x-index', 'sha256:aa', 5);
 PRAGMA user_version = 1;
 """
+)
 
 
 async def test_a_version_1_index_keeps_its_tags_as_fallbacks(tmp_path: Path) -> None:
@@ -57,17 +63,9 @@ async def test_a_version_1_index_keeps_its_tags_as_fallbacks(tmp_path: Path) -> 
 
 
 # The schema of version 2: tags per Accept, no listings, no subjects.
-V2 = """
-CREATE TABLE blobs (
-    digest TEXT PRIMARY KEY, size INTEGER NOT NULL, media_type TEXT,
-    created REAL NOT NULL, last_access REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX blobs_by_last_access ON blobs (last_access);
-CREATE TABLE repo_blobs (
-    upstream TEXT NOT NULL, repo TEXT NOT NULL, digest TEXT NOT NULL,
-    PRIMARY KEY (upstream, repo, digest)
-) WITHOUT ROWID;
-CREATE INDEX repo_blobs_by_digest ON repo_blobs (digest);
+V2 = (
+    BLOBS_V1
+    + """
 CREATE TABLE tags (
     upstream TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL, accept TEXT NOT NULL,
     media_type TEXT NOT NULL, digest TEXT NOT NULL, checked REAL NOT NULL,
@@ -80,6 +78,7 @@ INSERT INTO repo_blobs VALUES ('docker.io', 'library/app', 'sha256:aa');
 INSERT INTO tags VALUES ('docker.io', 'library/app', 'v1', '*/*', 'x/y', 'sha256:aa', 5);
 PRAGMA user_version = 2;
 """
+)
 
 
 async def test_a_version_2_index_gains_listings_and_subjects_to_be_read(tmp_path: Path) -> None:
