@@ -49,11 +49,12 @@ from proxy.config import (
 )
 from proxy.errors import RegistryError
 from proxy.keys import BLOBS, MANIFESTS
-from proxy.layout import LayoutError, mb
+from proxy.layout import LayoutError
 from proxy.layout_export import Exporter
 from proxy.layout_import import Importer
+from proxy.progress import Progress, mb
 from proxy.tls import server_context
-from proxy.warm import Progress, Warmer, parse_image, warm_all
+from proxy.warm import Warmer, parse_image, warm_all
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2

@@ -26,10 +26,9 @@ and `import` takes them, not the wrapper.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 from cache.digests import Digest
 from cache.errors import InvalidDigest
@@ -40,6 +39,7 @@ from proxy.manifests import (
     MAX_MANIFEST_SIZE,
     OCI_INDEX,
     OCI_MANIFEST,
+    platform_names,
 )
 
 LAYOUT_FILE = "oci-layout"
@@ -118,12 +118,7 @@ class Descriptor:
         return out
 
     def platform_names(self) -> set[str]:
-        """`os/arch`, and `os/arch/variant` when it has one (as `warm --platform` matches)."""
-        p = self.platform or {}
-        names = {f"{p.get('os')}/{p.get('architecture')}"}
-        if p.get("variant"):
-            names.add(f"{p.get('os')}/{p.get('architecture')}/{p['variant']}")
-        return names
+        return platform_names(self.platform)
 
     def describe(self) -> str:
         """How a message names it: its tag, platform or digest."""
@@ -275,31 +270,3 @@ def blob_descriptors(manifest: dict[str, Any], digest: Digest) -> list[Descripto
 def check_manifest_size(descriptor: Descriptor) -> None:
     if descriptor.size > MAX_MANIFEST_SIZE:
         raise LayoutError(f"manifest {descriptor.digest} is larger than {MAX_MANIFEST_SIZE} bytes")
-
-
-# -- progress ------------------------------------------------------------------------
-
-
-class Bars:
-    """A bar per blob on a terminal, drawn as `warm` draws them; nothing otherwise, so a
-    script's output holds only the summary."""
-
-    def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
-        self.tty = out.isatty()
-
-    def update(self, digest: Digest, done: int, total: int) -> None:
-        if self.tty:
-            filled = int(30 * done / total) if total else 30
-            bar = "#" * filled + " " * (30 - filled)
-            self.out.write(f"\r{str(digest)[:19]} [{bar}] {mb(done)}/{mb(total)}")
-            self.out.flush()
-
-    def finish(self, digest: Digest, total: int, what: str) -> None:
-        if self.tty:
-            self.out.write("\r" + " " * 70 + "\r" + f"{digest}  {mb(total)}  {what}\n")
-            self.out.flush()
-
-
-def mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"

@@ -37,7 +37,6 @@ from proxy.layout import (
     REF_NAME,
     SOURCE,
     WRAPS,
-    Bars,
     Descriptor,
     LayoutError,
     NotCached,
@@ -49,6 +48,7 @@ from proxy.layout import (
 )
 from proxy.layout_files import LayoutWriter, check_output, open_writer
 from proxy.manifests import INDEX_TYPES
+from proxy.progress import Progress
 from proxy.routing import Target
 from proxy.warm import parse_image
 
@@ -71,12 +71,16 @@ class Plan:
 
 class Exporter:
     def __init__(
-        self, config: Config, cache: Cache, platform: str | None = None, bars: Bars | None = None
+        self,
+        config: Config,
+        cache: Cache,
+        platform: str | None = None,
+        bars: Progress | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
         self.platform = platform
-        self.bars = bars or Bars()
+        self.bars = bars or Progress(lines_when_piped=False)
 
     async def export(self, images: list[str], out: Path) -> Plan:
         check_output(out)  # before the lookups: a taken -o is the first thing to hear about
@@ -207,7 +211,7 @@ class CachedBlob:
     """A stored blob's bytes as a file-like reader that hashes them as they pass."""
 
     def __init__(
-        self, fd: int, digest: Digest, size: int, bars: Bars, cancelled: threading.Event
+        self, fd: int, digest: Digest, size: int, bars: Progress, cancelled: threading.Event
     ) -> None:
         self.fd, self.digest, self.size = fd, digest, size
         self.bars, self.cancelled = bars, cancelled

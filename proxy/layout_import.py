@@ -53,19 +53,18 @@ from proxy.layout import (
     REF_NAME,
     SOURCE,
     WRAPS,
-    Bars,
     Descriptor,
     LayoutError,
     NoRoom,
     blob_name,
     check_layout_file,
     index_entries,
-    mb,
     parse_json,
     walk,
 )
 from proxy.layout_files import LayoutReader, open_reader
 from proxy.manifests import MAX_MANIFEST_SIZE, Accept
+from proxy.progress import Progress, mb
 from proxy.references import parse_reference
 from proxy.routing import Target, resolve
 from proxy.warm import parse_image
@@ -111,10 +110,10 @@ class Imported:
 
 
 class Importer:
-    def __init__(self, config: Config, cache: Cache, bars: Bars | None = None) -> None:
+    def __init__(self, config: Config, cache: Cache, bars: Progress | None = None) -> None:
         self.config = config
         self.cache = cache
-        self.bars = bars or Bars()
+        self.bars = bars or Progress(lines_when_piped=False)
 
     async def run(self, path: Path, as_image: str | None = None) -> Imported:
         reader = await asyncio.to_thread(open_reader, path)

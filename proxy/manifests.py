@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 
@@ -281,3 +282,13 @@ def _sniff_media_type(data: bytes) -> str:
     except (ValueError, AttributeError):
         value = None
     return value if isinstance(value, str) and value else OCI_MANIFEST
+
+
+def platform_names(platform: dict[str, Any] | None) -> set[str]:
+    """`os/arch`, and `os/arch/variant` when it has one: what `warm --platform` and
+    `export --platform` match in an index's entry."""
+    p = platform or {}
+    names = {f"{p.get('os')}/{p.get('architecture')}"}
+    if p.get("variant"):
+        names.add(f"{p.get('os')}/{p.get('architecture')}/{p['variant']}")
+    return names

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable
-from typing import TextIO
 
 from cache.digests import Digest
 from cache.fill import read_range
-from cache.store import LookupResult
 from proxy.blobs import BlobService
 from proxy.config import Config, WarmEntry
 from proxy.errors import RegistryError
-from proxy.manifests import INDEX_TYPES, Accept, ManifestService
+from proxy.manifests import INDEX_TYPES, Accept, ManifestService, platform_names
+from proxy.progress import Progress, mb
 from proxy.references import parse_digest, parse_reference
 from proxy.routing import Target, resolve
 
@@ -38,31 +36,6 @@ def parse_image(config: Config, image: str) -> tuple[Target, str | Digest]:
         name, reference = (name[:colon], name[colon + 1 :]) if colon > slash else (name, "latest")
         reference = parse_reference(reference)
     return resolve(config, name, None), reference
-
-
-class Progress:
-    """A bar per blob on a terminal; one plain line per blob otherwise."""
-
-    def __init__(self, out: TextIO = sys.stdout) -> None:
-        self.out = out
-        self.tty = out.isatty()
-
-    def update(self, digest: str, done: int, total: int) -> None:
-        if self.tty:
-            filled = int(30 * done / total) if total else 30
-            bar = "#" * filled + " " * (30 - filled)
-            self.out.write(f"\r{digest[:19]} [{bar}] {_mb(done)}/{_mb(total)}")
-            self.out.flush()
-
-    def finish(self, digest: str, total: int, result: LookupResult) -> None:
-        if self.tty:
-            self.out.write("\r" + " " * 70 + "\r")
-        self.out.write(f"{digest}  {_mb(total)}  {result}\n")
-        self.out.flush()
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
 
 
 class Warmer:
@@ -115,11 +88,7 @@ def _children(index: bytes, platforms: frozenset[str] | None) -> list[str]:
     doc = json.loads(index)
     chosen = []
     for entry in doc.get("manifests", []):
-        p = entry.get("platform") or {}
-        names = {f"{p.get('os')}/{p.get('architecture')}"}
-        if p.get("variant"):
-            names.add(f"{p.get('os')}/{p.get('architecture')}/{p['variant']}")
-        if platforms is None or names & platforms:
+        if platforms is None or platform_names(entry.get("platform")) & platforms:
             chosen.append(entry["digest"])
     return chosen
 
@@ -157,7 +126,7 @@ async def warm_all(
     for request in requests:
         try:
             size = await warmer.warm(request)
-            report(f"warmed {request.image}: {_mb(size)}")
+            report(f"warmed {request.image}: {mb(size)}")
         except (RegistryError, ValueError, KeyError) as exc:
             failed += 1
             message = exc.message if isinstance(exc, RegistryError) else str(exc)
