@@ -53,8 +53,7 @@ class Evictor:
             removed = {"ttl": await self._expire(), "size": 0}
             budget = self.cache.budget
             if self.cache.used > budget.max_size * budget.high_watermark:
-                target = int(budget.max_size * budget.low_watermark)
-                removed["size"] = await self._shrink_to(target, "size")
+                removed["size"] = await self._shrink_to(budget.keeps, "size")
             return removed
 
     async def make_room(self, fill: Fill, size: int) -> None:

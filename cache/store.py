@@ -81,6 +81,11 @@ class Budget:
     high_watermark: float
     low_watermark: float
 
+    @property
+    def keeps(self) -> int:
+        """Bytes left once eviction has run: where it stops."""
+        return int(self.max_size * self.low_watermark)
+
 
 class Cache:
     """Blob files, their index, and the in-flight fills, under `root`."""

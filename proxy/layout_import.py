@@ -182,8 +182,7 @@ class Importer:
             for digest in contents.sizes
             if not self.cache.stores(digest) or await self.cache.index.get_blob(str(digest)) is None
         ]
-        budget = self.cache.budget
-        keeps = int(budget.max_size * budget.low_watermark)
+        keeps = self.cache.budget.keeps
         total = sum(contents.sizes.values())
         if total > keeps:
             raise NoRoom(
@@ -251,13 +250,12 @@ class Importer:
         import fitting under that mark, never goes)."""
         for digest in contents.sizes.keys() - set(new):
             self.cache.touch(digest)
-        await self.cache.flush_access()
-        await self.cache.recount()
-        budget = self.cache.budget
-        keeps = int(budget.max_size * budget.low_watermark)
         needed = sum(contents.sizes[d] for d in new)
-        if self.cache.used + needed > keeps:
-            await Evictor(self.cache, self.config.cache.blob_ttl).shrink_to(keeps - needed)
+        # shrink_to flushes the touches and recounts first; it evicts nothing while the
+        # cache holds no more than the target (`_check_room` made it non-negative).
+        await Evictor(self.cache, self.config.cache.blob_ttl).shrink_to(
+            self.cache.budget.keeps - needed
+        )
 
 
 def _entries(reader: LayoutReader) -> list[Descriptor]:
