@@ -46,7 +46,7 @@ from proxy.coalesce import Coalescer
 from proxy.errors import ManifestUnknown, NameUnknown, UpstreamBadResponse, UpstreamFailed
 from proxy.manifests import OCI_INDEX, Accept, ManifestService
 from proxy.routing import Target
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, read_capped
 
 log = logging.getLogger("pullthrough.listings")
 
@@ -156,15 +156,10 @@ class ListingService:
 
     async def _read_capped(self, response: aiohttp.ClientResponse, target: Target) -> bytes:
         too_large = UpstreamBadResponse(f"upstream {target.upstream.name} sent too large a list")
-        if (response.content_length or 0) > MAX_LISTING_SIZE:
-            raise too_large
         try:
-            body = await response.content.read(MAX_LISTING_SIZE + 1)
+            return await read_capped(response, MAX_LISTING_SIZE, too_large)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self.client.stream_failed(target.upstream, exc) from None
-        if len(body) > MAX_LISTING_SIZE:
-            raise too_large
-        return body
 
     async def _cached_referrers(
         self, target: Target, digest: Digest, upstream_failed: bool = False
@@ -211,9 +206,9 @@ async def _refuse_missing_referrers_api(response: aiohttp.ClientResponse, target
     """A 404 to a referrers request: the repository is unknown (the one 404 the spec
     allows, with an OCI NAME_UNKNOWN body), or upstream has no such endpoint at all."""
     try:
-        body = await response.content.read(64 * 1024)
-    except (TimeoutError, aiohttp.ClientError):
-        body = b""  # a 404 all the same
+        body = await read_capped(response, 64 * 1024, ValueError())
+    except (ValueError, TimeoutError, aiohttp.ClientError):
+        body = b""  # too large or broken off: a 404 all the same
     try:
         code = json.loads(body)["errors"][0]["code"]
     except (ValueError, KeyError, IndexError, TypeError):

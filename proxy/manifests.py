@@ -51,7 +51,7 @@ from proxy.errors import (
 from proxy.links import LinkConfirmer
 from proxy.metrics import Metrics
 from proxy.routing import Target
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, read_capped
 
 log = logging.getLogger("pullthrough.manifests")
 
@@ -260,19 +260,13 @@ class ManifestService:
 
 
 async def _read_capped(response: aiohttp.ClientResponse, target: Target) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
+    too_large = ManifestTooLarge(detail={"limit": MAX_MANIFEST_SIZE})
     try:
-        async for chunk in response.content.iter_chunked(64 * 1024):
-            total += len(chunk)
-            if total > MAX_MANIFEST_SIZE:
-                raise ManifestTooLarge(detail={"limit": MAX_MANIFEST_SIZE})
-            chunks.append(chunk)
+        return await read_capped(response, MAX_MANIFEST_SIZE, too_large)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamUnavailable(
             f"upstream {target.upstream.name} broke off a manifest: {type(exc).__name__}"
         ) from None
-    return b"".join(chunks)
 
 
 def _sniff_media_type(data: bytes) -> str:

@@ -306,3 +306,20 @@ class UpstreamClient:
         if counted_on_arrival(status):
             self.count_error(upstream, status_error(upstream, answer))
         note_ratelimit(self.metrics, upstream, answer)
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int, too_large: Exception) -> bytes:
+    """The whole body of a small answer (a manifest, a list), or `too_large` past `limit`
+    bytes. Read to its end: `content.read(n)` returns whatever has arrived so far, which
+    over a network is often only part of it. A broken-off body raises what aiohttp
+    raised (TimeoutError, aiohttp.ClientError), for the caller to name."""
+    if (response.content_length or 0) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        total += len(chunk)
+        if total > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

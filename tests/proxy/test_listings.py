@@ -4,11 +4,13 @@ served stale when upstream fails."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from proxy.config import parse_config
 from proxy.settings import ConfigError
@@ -68,6 +70,40 @@ async def test_tags_are_served_from_the_store_within_listing_ttl(
     mirror.clock.advance(2)  # past the TTL: upstream is asked again
     assert (await get(mirror, "/v2/app/tags/list"))[2]["tags"] == ["v1", "v2", "v3"]
     assert fake_upstream.count("GET", TAGS_PATH) == 2
+
+
+async def test_a_list_that_arrives_in_pieces_is_read_and_stored_whole(
+    make_mirror: MakeMirror,
+) -> None:
+    """A body that comes in several reads (as on any real network) is read to its end: a
+    list cut short would be served, and stored for listing_ttl, as if it were complete.
+    (The fake upstream's slow-body faults are for blobs; this upstream is just the list.)"""
+    tags = [f"v{n:04}" for n in range(3000)]
+    body = json.dumps({"name": REPO, "tags": tags}).encode()
+
+    async def tags_list(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        for start in range(0, len(body), 8192):
+            await response.write(body[start : start + 8192])
+            await asyncio.sleep(0.005)
+        return response
+
+    app = web.Application()
+    app.router.add_get(TAGS_PATH, tags_list)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        mirror = await mirror_for(make_mirror, f"http://127.0.0.1:{port}")
+        for _ in range(2):  # from upstream, then stored
+            status, _, answer = await get(mirror, "/v2/app/tags/list")
+            assert status == 200 and answer["tags"] == tags
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("status", [503, 500, 429])
