@@ -104,6 +104,10 @@ class BlobFiles:
     def commit(self, fd: int, temp: Path, digest: Digest) -> Path:
         """fsync then rename into place. Blocking: call it from a worker thread."""
         os.fsync(fd)
+        return self.place(temp, digest)
+
+    def place(self, temp: Path, digest: Digest) -> Path:
+        """Rename a temp file, fsynced already, into place. Blocking."""
         final = self.path_for(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, final)

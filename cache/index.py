@@ -242,24 +242,9 @@ class Index:
     ) -> bool:
         """Index a stored blob (with the subject it refers to, for a manifest that has
         one); True if it is new (and so adds to the cache's size)."""
-        now = self.clock()
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (digest, size, media_type, now, now),
-            )
-            added = cursor.rowcount == 1
-            if not added:
-                await db.execute(
-                    "UPDATE blobs SET last_access = ?, media_type = coalesce(media_type, ?)"
-                    " WHERE digest = ?",
-                    (now, media_type, digest),
-                )
-            await db.execute(
-                "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)",
-                (upstream, repo, digest),
-            )
+            added = await _upsert_blob(db, BlobRow(digest, size, media_type), self.clock())
+            await db.execute(_ADD_LINK, (upstream, repo, digest))
             if reference is not None:
                 await db.execute(_ADD_SUBJECT, _subject_row(digest, reference))
         return added
@@ -313,22 +298,9 @@ class Index:
         added = []
         async with self._transaction() as db:
             for row in rows:
-                cursor = await db.execute(
-                    "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (row.digest, row.size, row.media_type, now, now),
-                )
-                if cursor.rowcount == 1:
+                if await _upsert_blob(db, row, now):
                     added.append(row)
-                else:  # stored already, maybe adopted without its media type
-                    await db.execute(
-                        "UPDATE blobs SET last_access = ?, media_type = coalesce(media_type, ?)"
-                        " WHERE digest = ?",
-                        (now, row.media_type, row.digest),
-                    )
-            await db.executemany(
-                "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)", links
-            )
+            await db.executemany(_ADD_LINK, links)
             await db.executemany(
                 _ADD_SUBJECT, [_subject_row(d, ref) for d, ref in references.items()]
             )
@@ -527,6 +499,26 @@ class Index:
                 [_subject_row(digest, reference) for digest, reference in found.items()],
             )
             await db.execute("DELETE FROM chores WHERE name = ?", (INDEX_SUBJECTS,))
+
+
+_ADD_LINK = "INSERT OR IGNORE INTO repo_blobs (upstream, repo, digest) VALUES (?, ?, ?)"
+
+
+async def _upsert_blob(db: aiosqlite.Connection, row: BlobRow, now: float) -> bool:
+    """Index a blob; True if it is new. One stored already (maybe adopted without its
+    media type) is touched, and given the media type it lacked."""
+    cursor = await db.execute(
+        "INSERT OR IGNORE INTO blobs (digest, size, media_type, created, last_access)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (row.digest, row.size, row.media_type, now, now),
+    )
+    if cursor.rowcount == 1:
+        return True
+    await db.execute(
+        "UPDATE blobs SET last_access = ?, media_type = coalesce(media_type, ?) WHERE digest = ?",
+        (now, row.media_type, row.digest),
+    )
+    return False
 
 
 _ADD_SUBJECT = (

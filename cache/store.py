@@ -539,6 +539,4 @@ class Cache:
 
     def _place_all(self, staged: dict[Digest, Path]) -> None:
         for digest, temp in staged.items():
-            final = self.files.path_for(digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)  # fsynced by `stage`
+            self.files.place(temp, digest)  # fsynced by `stage`
