@@ -25,10 +25,13 @@ and `import` takes them, not the wrapper.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cache.digests import Digest
 from cache.errors import InvalidDigest
@@ -41,6 +44,8 @@ from proxy.manifests import (
     OCI_MANIFEST,
     platform_names,
 )
+
+T = TypeVar("T")
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
@@ -270,3 +275,17 @@ def blob_descriptors(manifest: dict[str, Any], digest: Digest) -> list[Descripto
 def check_manifest_size(descriptor: Descriptor) -> None:
     if descriptor.size > MAX_MANIFEST_SIZE:
         raise LayoutError(f"manifest {descriptor.digest} is larger than {MAX_MANIFEST_SIZE} bytes")
+
+
+async def in_thread(work: Callable[[threading.Event], T]) -> T:
+    """Run the blocking `work` in a worker thread. Cancelled (^C), set the event it
+    watches, so it stops at its next chunk and cleans up; wait for that, then re-raise."""
+    cancelled = threading.Event()
+    job = asyncio.ensure_future(asyncio.to_thread(work, cancelled))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        cancelled.set()
+        with contextlib.suppress(Exception):
+            await job
+        raise

@@ -19,8 +19,6 @@ up before anything is written; every blob is re-hashed as it is copied.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import threading
@@ -42,6 +40,7 @@ from proxy.layout import (
     NotCached,
     blob_name,
     children,
+    in_thread,
     layout_files,
     walk,
     wrap,
@@ -166,15 +165,7 @@ class Exporter:
     async def write(self, plan: Plan, out: Path) -> None:
         """Write the layout to a temp sibling of `out` in a worker thread, then move it
         into place. Cancelled (^C), the thread stops at its next chunk and cleans up."""
-        cancelled = threading.Event()
-        job = asyncio.ensure_future(asyncio.to_thread(self._write, plan, out, cancelled))
-        try:
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            cancelled.set()
-            with contextlib.suppress(Exception):
-                await job
-            raise
+        await in_thread(partial(self._write, plan, out))
 
     def _write(self, plan: Plan, out: Path, cancelled: threading.Event) -> None:
         writer = open_writer(out)

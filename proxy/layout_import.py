@@ -32,11 +32,11 @@ later as the answer served when upstream can't be reached.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import shutil
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cache.digests import Digest
@@ -58,6 +58,7 @@ from proxy.layout import (
     NoRoom,
     blob_name,
     check_layout_file,
+    in_thread,
     index_entries,
     parse_json,
     walk,
@@ -200,17 +201,7 @@ class Importer:
     ) -> dict[Digest, Path]:
         """Copy and re-hash in a worker thread; cancelled (^C), it stops at its next chunk
         and deletes what it staged."""
-        cancelled = threading.Event()
-        job = asyncio.ensure_future(
-            asyncio.to_thread(self._stage_all, reader, contents, new, cancelled)
-        )
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
-            cancelled.set()
-            with contextlib.suppress(Exception):
-                await job
-            raise
+        return await in_thread(partial(self._stage_all, reader, contents, new))
 
     def _stage_all(
         self,
