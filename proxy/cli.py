@@ -162,8 +162,8 @@ async def _warm(config: Config, args: argparse.Namespace) -> int:
 
 
 @asynccontextmanager
-async def _open_cache(config: Config) -> AsyncIterator[Cache]:
-    if not (config.cache.path / "index.db").exists():
+async def _open_cache(config: Config, must_exist: bool = True) -> AsyncIterator[Cache]:
+    if must_exist and not (config.cache.path / "index.db").exists():
         raise UsageError(f"no cache at {config.cache.path}")
     cache = new_cache(config.cache)
     await cache.open(clear_debris=False)  # a server may be running on this cache
@@ -267,14 +267,12 @@ async def _export(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _import(config: Config, args: argparse.Namespace) -> int:
-    cache = new_cache(config.cache)  # made if missing: an air-gapped mirror starts empty
     try:
-        await cache.open(clear_debris=False)  # a server may be running on this cache
-        imported = await Importer(config, cache).run(args.layout, args.as_image)
+        # Made if missing: an air-gapped mirror starts empty.
+        async with _open_cache(config, must_exist=False) as cache:
+            imported = await Importer(config, cache).run(args.layout, args.as_image)
     except (LayoutError, CacheError, OSError) as exc:
         return _failed("import", exc)
-    finally:
-        await cache.close()
     for image in imported.images:
         print(f"imported {image} ({image.entry.digest})")
     print(f"{imported.blobs} new blobs, {mb(imported.size)}")
