@@ -33,10 +33,6 @@ from proxy.tls import warn_insecure
 
 log = logging.getLogger("pullthrough.reload")
 
-# The settings a reload takes as they are; everything else needs a restart. Names are
-# those of `effective()`, i.e. the YAML's.
-RELOADABLE = ("upstreams", "offline", "log.level")
-
 
 class LiveConfig:
     """The config requests are served with now; replaced whole by `swap`."""
@@ -80,14 +76,17 @@ class Reloader:
             log.error("config reload refused, still serving the previous config: %s", exc)
             return False
         old = self.live.current
-        needs_restart = _changed(effective(old), effective(new), exclude=RELOADABLE)
+        applied = _reloadable(old, new)
+        # Whatever the file changed beyond that keeps its running value until a restart.
+        needs_restart = _changed(effective(applied), effective(new))
         if needs_restart:
             log.warning(
                 "config reload: %s changed, needs a restart (still running with the old"
                 " value until then)",
                 ", ".join(needs_restart),
             )
-        applied = _keep_fixed(old, new, keep_level=self.level_override is not None)
+        if self.level_override is not None:  # --log-level wins over the file
+            applied = replace(applied, log=old.log)
         self._apply_side_effects(old, applied)
         self.live.swap(applied)
         log.info("config reloaded from %s: %s", self.path, _summary(old, applied))
@@ -102,10 +101,10 @@ class Reloader:
             logging.getLogger().setLevel(new.log.level)
 
 
-def _keep_fixed(old: Config, new: Config, keep_level: bool) -> Config:
-    """`new` with every setting that needs a restart as it runs now (and the log level
-    too when the command line set it)."""
-    level = replace(old.log, level=old.log.level if keep_level else new.log.level)
+def _reloadable(old: Config, new: Config) -> Config:
+    """The running config with what a reload may change taken from the file: every
+    upstream setting, the global offline, and the log level."""
+    level = replace(old.log, level=new.log.level)
     return replace(old, upstreams=new.upstreams, offline=new.offline, log=level)
 
 
@@ -120,13 +119,11 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any], exclude: tuple[str, ...]) -> list[str]:
-    """The YAML paths whose values differ, except those in `exclude`."""
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The YAML paths whose values differ."""
     before, after = _flatten(old), _flatten(new)
     return [
-        name
-        for name in dict.fromkeys([*before, *after])
-        if name not in exclude and before.get(name) != after.get(name)
+        name for name in dict.fromkeys([*before, *after]) if before.get(name) != after.get(name)
     ]
 
 
