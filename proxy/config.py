@@ -75,7 +75,6 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TUNABLE = ("connect_timeout", "read_timeout", "manifest_ttl", "listing_ttl")
 # Of those, the lifetimes whose 0 means "always ask upstream".
 _MAY_BE_ZERO = ("manifest_ttl", "listing_ttl")
-_TAG_TTL_KEYS = {"match", "ttl", "immutable"}
 # An upstream name is the registry host clients ask for: a hostname, optionally with a port.
 _UPSTREAM_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
 # The NAME of `docker-credential-NAME`: a file name, never a path.
@@ -152,9 +151,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         host, port = _parse_listen(raw["listen"])
     else:
         host, port = _default(Config, "listen_host"), _default(Config, "listen_port")
-    offline = _get(raw, Config, "offline")
-    if not isinstance(offline, bool):
-        raise ConfigError("offline", "must be true or false")
+    offline = _flag(_get(raw, Config, "offline"), "offline")
     upstreams = _parse_upstreams(
         raw.get("upstreams"), raw.get("upstream_defaults", {}), env, offline
     )
@@ -197,6 +194,12 @@ def _networks(value: Any, path: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(networks)
 
 
+def _flag(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, "must be true or false")
+    return value
+
+
 def _count(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(path, "must be a whole number of at least 1")
@@ -211,9 +214,7 @@ def _parse_auth(raw: Any) -> AuthConfig:
     realm = _get(raw, AuthConfig, "realm")
     if not isinstance(realm, str) or not realm or '"' in realm or "\\" in realm:
         raise ConfigError("auth.realm", "must be a plain string")
-    metrics = _get(raw, AuthConfig, "metrics")
-    if not isinstance(metrics, bool):
-        raise ConfigError("auth.metrics", "must be true or false")
+    metrics = _flag(_get(raw, AuthConfig, "metrics"), "auth.metrics")
     if metrics and htpasswd is None:
         raise ConfigError("auth.metrics", "needs auth.htpasswd")
     return AuthConfig(htpasswd=htpasswd, realm=realm, metrics=metrics)
@@ -348,8 +349,11 @@ def _parse_upstreams(
         raise ConfigError("upstream_defaults", "must be a mapping")
     _reject_unknown(defaults, {*_TUNABLE, "tag_ttl"}, "upstream_defaults")
     _tunables({}, "upstream_defaults", defaults)  # report bad defaults under their own path
-    if "tag_ttl" in defaults:
-        _tag_ttl(defaults["tag_ttl"], "upstream_defaults.tag_ttl")
+    if "tag_ttl" in defaults:  # parsed once, here, for every upstream that inherits it
+        defaults = {
+            **defaults,
+            "tag_ttl": _tag_ttl(defaults["tag_ttl"], "upstream_defaults.tag_ttl"),
+        }
     upstreams = tuple(
         _parse_upstream(item, f"upstreams[{i}]", defaults, env, offline)
         for i, item in enumerate(raw)
@@ -377,12 +381,8 @@ def _parse_upstream(
     parts = urlsplit(url or "")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise ConfigError(f"{path}.url", "must be an http(s) URL")
-    default = _get(raw, UpstreamConfig, "default")
-    if not isinstance(default, bool):
-        raise ConfigError(f"{path}.default", "must be true or false")
-    insecure = _get(raw, UpstreamConfig, "insecure")
-    if not isinstance(insecure, bool):
-        raise ConfigError(f"{path}.insecure", "must be true or false")
+    default = _flag(_get(raw, UpstreamConfig, "default"), f"{path}.default")
+    insecure = _flag(_get(raw, UpstreamConfig, "insecure"), f"{path}.insecure")
     username = _expand(_get(raw, UpstreamConfig, "username"), f"{path}.username", env)
     password = _expand(_get(raw, UpstreamConfig, "password"), f"{path}.password", env)
     if (username is None) != (password is None):
@@ -390,15 +390,12 @@ def _parse_upstream(
     if username is not None and ":" in username:  # Basic auth could not carry it (RFC 7617)
         raise ConfigError(f"{path}.username", "must not contain ':'")
     helper = _credential_helper(raw, path, username is not None)
-    share = _get(raw, UpstreamConfig, "share_when_down")
-    if not isinstance(share, bool):
-        raise ConfigError(f"{path}.share_when_down", "must be true or false")
+    share = _flag(_get(raw, UpstreamConfig, "share_when_down"), f"{path}.share_when_down")
     if share and (username is not None or helper is not None):
         # Its cache may then hold private content: only upstream may say who sees it.
         raise ConfigError(f"{path}.share_when_down", "only for an upstream without credentials")
-    own_offline = raw.get("offline", offline)  # the global `offline` unless it says
-    if not isinstance(own_offline, bool):
-        raise ConfigError(f"{path}.offline", "must be true or false")
+    # The global `offline` unless it says.
+    own_offline = _flag(raw.get("offline", offline), f"{path}.offline")
     tag_ttl = raw.get("tag_ttl", _get(defaults, UpstreamConfig, "tag_ttl"))
     return UpstreamConfig(
         name=name,
@@ -425,7 +422,8 @@ def _tag_ttl(value: Any, path: str) -> tuple[TagTtl, ...]:
     """`[{match: GLOB, ttl: DURATION} | {match: GLOB, immutable: true}, ...]`, in order."""
     if value is None:  # `tag_ttl:` with nothing after it
         return ()
-    # A tuple is the dataclass default (or a default already parsed); YAML gives lists.
+    # A tuple is the dataclass default, or upstream_defaults' rules already parsed; YAML
+    # gives lists.
     if isinstance(value, tuple) and all(isinstance(rule, TagTtl) for rule in value):
         return value
     if not isinstance(value, list):
@@ -438,13 +436,11 @@ def _tag_ttl_rule(raw: Any, path: str) -> TagTtl:
         raise ConfigError(
             path, "must be {match: GLOB, ttl: DURATION} or {match: GLOB, immutable: true}"
         )
-    _reject_unknown(raw, _TAG_TTL_KEYS, path)
+    _reject_unknown(raw, _names(TagTtl) | {"immutable"}, path)
     match = raw.get("match")
     if not isinstance(match, str) or not match:
         raise ConfigError(f"{path}.match", "must be a glob of tags such as 'v*' or latest")
-    immutable = raw.get("immutable", False)
-    if not isinstance(immutable, bool):
-        raise ConfigError(f"{path}.immutable", "must be true or false")
+    immutable = _flag(raw.get("immutable", False), f"{path}.immutable")
     if immutable == ("ttl" in raw):
         raise ConfigError(path, "give either ttl or immutable: true")
     if immutable:
