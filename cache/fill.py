@@ -96,8 +96,8 @@ class Fill:
             await self._wait_for_readers()
 
     def _write(self, chunk: bytes, offset: int) -> None:
-        # pwrite at an explicit offset: readers share this file description (dup) and
-        # sendfile moves its position, so the position must never matter.
+        # pwrite at an explicit offset: readers share this file description (dup), so
+        # its position must never matter.
         view = memoryview(chunk)
         while view:
             written = os.pwrite(self.fd, view, offset)
@@ -218,7 +218,7 @@ async def spans(
     start: int, stop: int, fill: Fill | None = None, reader: int | None = None
 ) -> AsyncIterator[Span]:
     """What to send of bytes [start, stop), in order, as soon as it may be sent: ranges of
-    the file (which a caller can hand to sendfile) or, for a pass-through fill, bytes in
+    the file (which a caller sends from the file itself) or, for a pass-through fill, bytes in
     memory. While the fill is unverified, the last byte is held back (see module doc).
 
     `reader` is the caller's place in the fill, taken when it joined (`Fill.attach`), so

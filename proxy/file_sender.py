@@ -86,11 +86,12 @@ class FileSender:
     """The worker threads every plain-HTTP blob response sends its file spans from.
 
     One per app, closed at cleanup after the handlers are done; a closed sender refuses
-    work. Over TLS there is no socket to sendfile into: callers write the bytes instead.
+    work. Over TLS there is no plain socket to write into: callers write the bytes through
+    the TLS transport instead.
     """
 
     def __init__(self, workers: int = WORKERS) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "sendfile")
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, "file-sender")
         self._closed = False
 
     async def send(
@@ -150,7 +151,7 @@ async def _quiet_socket(transport: asyncio.Transport) -> socket.socket:
 
 
 async def _writable(out: int) -> None:
-    """Until the socket `out` has room (or an error for the next sendfile to raise)."""
+    """Until the socket `out` has room (or an error for the next write to raise)."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 

@@ -77,7 +77,9 @@ async def _send(
 ) -> None:
     transport = request.transport
     plain = isinstance(transport, asyncio.Transport) and not transport.get_extra_info("sslcontext")
-    socket = transport if plain else None  # over TLS sendfile would bypass the encryption
+    socket = (
+        transport if plain else None
+    )  # over TLS, writing to the socket would bypass the encryption
     sender = request.app[SENDER]
     stall = request.app[CONFIG].current.client_timeout
 
