@@ -115,15 +115,16 @@ class Cache:
         await self.index.open()
         try:
             await self.recount()
-            await self._index_subjects()
         except BaseException:
             await self.index.close()  # its thread would keep the process alive
             raise
         self._state = "open"
 
-    async def _index_subjects(self) -> None:
+    async def index_subjects(self) -> None:
         """Manifests stored before the index kept subjects: read them once (the files
-        are small, and Docker's formats, most of a cache, are skipped unread)."""
+        are small, and Docker's formats, most of a cache, are skipped unread). The server
+        runs it in the background after an upgrade, so that it neither delays the start
+        nor runs again in every CLI command that opens the cache."""
         if not await self.index.chore_pending(INDEX_SUBJECTS):
             return
         digests = await self.index.manifests_but_docker()

@@ -207,6 +207,7 @@ async def _services(
     app[BLOBS] = BlobService(app[CACHE], app[EVICTOR], app[UPSTREAM], tasks, app[METRICS])
     if serving:
         tasks.spawn(reconcile(app[CACHE]), name="reconcile")
+        tasks.spawn(app[CACHE].index_subjects(), name="index-subjects")
         tasks.spawn(app[EVICTOR].run_forever(), name="evictor")
         config = app[CONFIG].current
         warm = skip_offline(config, config.warm)

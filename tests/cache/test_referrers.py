@@ -3,6 +3,7 @@ stored before it kept them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -16,7 +17,9 @@ from cache.files import BlobFiles
 from cache.index import INDEX_SUBJECTS
 from cache.referrers import Reference, reference_of
 from cache.store import Budget, Cache
+from proxy.keys import CACHE
 from tests.cache.test_index import V2
+from tests.mirror import MakeMirror
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -80,14 +83,17 @@ async def test_a_stored_manifest_with_a_subject_is_listed_for_its_repository(
         await cache.close()
 
 
-async def test_manifests_stored_before_version_3_are_read_once_at_open(tmp_path: Path) -> None:
-    root = tmp_path / "cache"
+REFERRING = manifest(artifactType="x/sbom", subject=SUBJECT, config={"mediaType": "x/c"})
+
+
+def version_2_cache(root: Path) -> None:
+    """A cache as version 2 left it: a referring and a plain manifest, their files, and
+    rows that don't say what they refer to."""
     files = BlobFiles(root)
     files.prepare()
-    referring = manifest(artifactType="x/sbom", subject=SUBJECT, config={"mediaType": "x/c"})
     plain = manifest(config={"mediaType": "x/c"})
     rows = []
-    for data in (referring, plain):
+    for data in (REFERRING, plain):
         digest = Digest.of(data)
         files.write(digest, data)
         rows.append(
@@ -99,12 +105,39 @@ async def test_manifests_stored_before_version_3_are_read_once_at_open(tmp_path:
         db.executescript(V2.replace("PRAGMA user_version = 2;", "".join(rows)))
         db.execute("PRAGMA user_version = 2")
 
+
+async def test_manifests_stored_before_version_3_are_read_once(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    version_2_cache(root)
     cache = new_cache(root)
     await cache.open()
     try:
+        assert await cache.index.chore_pending(INDEX_SUBJECTS)
+        await cache.index_subjects()  # what the server runs in the background
         subject = Digest.parse(str(SUBJECT["digest"]))
         found = await cache.referrers("docker.io", "library/app", subject)
-        assert [r.digest for r in found] == [str(Digest.of(referring))]
+        assert [r.digest for r in found] == [str(Digest.of(REFERRING))]
         assert not await cache.index.chore_pending(INDEX_SUBJECTS)
     finally:
         await cache.close()
+
+
+async def test_the_server_reads_them_in_the_background(
+    tmp_path: Path, make_mirror: MakeMirror
+) -> None:
+    """Not in `Cache.open`: the server starts at once, and CLI commands never read them."""
+    root = tmp_path / "old"
+    version_2_cache(root)
+    mirror = await make_mirror(
+        [{"name": "docker.io", "url": "http://127.0.0.1:9", "default": True}],
+        cache={"path": str(root)},
+    )
+    cache = mirror.app[CACHE]
+    for _ in range(500):  # 10 s at most
+        if not await cache.index.chore_pending(INDEX_SUBJECTS):
+            break
+        await asyncio.sleep(0.02)
+    assert not await cache.index.chore_pending(INDEX_SUBJECTS)
+    subject = Digest.parse(str(SUBJECT["digest"]))
+    found = await cache.referrers("docker.io", "library/app", subject)
+    assert [r.digest for r in found] == [str(Digest.of(REFERRING))]
