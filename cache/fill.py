@@ -222,42 +222,36 @@ async def spans(
     memory. While the fill is unverified, the last byte is held back (see module doc).
 
     `reader` is the caller's place in the fill, taken when it joined (`Fill.attach`), so
-    that a pass-through download keeps its bytes until the caller gets here; without one,
-    a place is taken now and given up at the end."""
+    that a pass-through download keeps its bytes until the caller gets here; the caller
+    gives it up (`Fill.detach`)."""
     if fill is None:
         if start < stop:
             yield (start, stop - start)
         return
-    own = reader is None
     if reader is None:
-        reader = fill.attach(start)
-    else:
-        fill.advance(reader, start)
-    try:
-        pos = start
-        while pos < stop:
-            limit = stop
-            if not fill.verified:
-                if fill.error is not None:
-                    raise FillFailed(f"download of {fill.digest} failed: {fill.error}")
-                limit = min(stop - 1, fill.written)
-                if pos >= limit:
-                    await fill.wait_change()
-                    continue
-            span: Span
-            if pos < fill.on_disk:
-                span = (pos, min(limit, fill.on_disk) - pos)
-                pos += span[1]
-            else:
-                data = fill.in_memory(pos, limit - pos)
-                if not data:
-                    raise FillFailed(f"lost bytes at {pos} of {fill.digest}")
-                span, pos = data, pos + len(data)
-            yield span
-            fill.advance(reader, pos)
-    finally:
-        if own:
-            fill.detach(reader)
+        raise TypeError("follow a fill from the place taken when joining it (Fill.attach)")
+    fill.advance(reader, start)
+    pos = start
+    while pos < stop:
+        limit = stop
+        if not fill.verified:
+            if fill.error is not None:
+                raise FillFailed(f"download of {fill.digest} failed: {fill.error}")
+            limit = min(stop - 1, fill.written)
+            if pos >= limit:
+                await fill.wait_change()
+                continue
+        span: Span
+        if pos < fill.on_disk:
+            span = (pos, min(limit, fill.on_disk) - pos)
+            pos += span[1]
+        else:
+            data = fill.in_memory(pos, limit - pos)
+            if not data:
+                raise FillFailed(f"lost bytes at {pos} of {fill.digest}")
+            span, pos = data, pos + len(data)
+        yield span
+        fill.advance(reader, pos)
 
 
 async def read_range(

@@ -19,9 +19,13 @@ CHUNK = 512 * 1024
 
 async def read_all(fill: Fill, size: int) -> bytes:
     got = bytearray()
-    async for span in spans(0, size, fill):
-        assert isinstance(span, bytes)  # pass-through: every byte comes from memory
-        got += span
+    reader = fill.attach(0)
+    try:
+        async for span in spans(0, size, fill, reader):
+            assert isinstance(span, bytes)  # pass-through: every byte comes from memory
+            got += span
+    finally:
+        fill.detach(reader)
     return bytes(got)
 
 
