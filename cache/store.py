@@ -515,16 +515,21 @@ class Cache:
         rows: list[BlobRow],
         links: list[tuple[str, str, str]],
         tags: list[TagAnswer],
+        manifests: dict[Digest, bytes],
     ) -> None:
         """Move staged files into the store, then index `rows` (staged or stored already),
-        their `links` (upstream, repo, digest) and `tags` in one transaction: an import
-        is indexed whole or not at all. A crash in between leaves files without rows,
-        which `reconcile` adopts unlinked, so they are served to nobody."""
+        their `links` (upstream, repo, digest), `tags`, and the subjects the `manifests`
+        (the import's, by digest) refer to, in one transaction: an import is indexed whole
+        or not at all. A crash in between leaves files without rows, which `reconcile`
+        adopts unlinked, so they are served to nobody."""
         await asyncio.to_thread(self._place_all, staged)
-        manifests = [row.digest for row in rows if row.media_type is not None]
+        # An imported artifact answers referrers of its subject, as a pulled one does.
+        references = {
+            str(digest): reference
+            for digest, data in manifests.items()
+            if (reference := reference_of(data)) is not None
+        }
         try:
-            # An imported artifact answers referrers of its subject, as a pulled one does.
-            references = await asyncio.to_thread(self._read_references, manifests)
             added = await self.index.add_imported(rows, links, tags, references)
         except BaseException:
             for digest in staged:  # unless a running server indexed it meanwhile

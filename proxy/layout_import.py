@@ -133,7 +133,9 @@ class Importer:
             await self._make_room(contents, new)
             rows = [BlobRow(str(d), contents.sizes[d], t) for d, t in contents.media_types.items()]
             tags = [image.tag_answer() for image in images if image.tag is not None]
-            await self.cache.commit_staged(staged, rows, sorted(contents.links), tags)
+            await self.cache.commit_staged(
+                staged, rows, sorted(contents.links), tags, contents.manifests
+            )
         except DiskFull as exc:
             self.cache.discard_staged(list(staged.values()))
             raise NoRoom(f"the cache's index has no room: {exc}") from None
