@@ -27,7 +27,7 @@ from typing import Any
 
 from yarl import URL
 
-from proxy.coalesce import Coalescer
+from proxy.coalesce import Expiring
 from proxy.config import Secret, UpstreamConfig
 from proxy.errors import Unauthorized, UpstreamUnavailable
 
@@ -64,41 +64,32 @@ class CredentialHelpers:
     def __init__(
         self, clock: Callable[[], float] = time.monotonic, timeout: float = HELPER_TIMEOUT
     ) -> None:
-        self.clock = clock
         self.timeout = timeout
-        # UpstreamConfig.access -> (answer, until): a reload that changes the helper or
-        # the URL (what it is asked about) starts afresh.
-        self._answers: dict[tuple[object, ...], tuple[Credentials, float]] = {}
-        self._running: Coalescer[Credentials] = Coalescer()
+        # By UpstreamConfig.access: a reload that changes the helper or the URL (what it
+        # is asked about) starts afresh.
+        self._answers: Expiring[Credentials] = Expiring(clock)
 
     async def get(self, upstream: UpstreamConfig) -> Credentials | None:
         """The upstream's credentials: None without a helper; raises if its helper fails."""
         helper = upstream.credential_helper
         if helper is None:
             return None
-        kept = self._answers.get(upstream.access)
-        if kept is not None and self.clock() < kept[1]:
-            return kept[0]
 
-        async def run_and_keep() -> Credentials:
+        async def run() -> tuple[Credentials, float]:
             answer = await run_helper(helper, server_url(upstream), self.timeout)
-            self._answers[upstream.access] = (answer, self.clock() + upstream.credential_lifetime)
-            return answer
+            return answer, upstream.credential_lifetime
 
-        return await self._running.run(upstream.access, run_and_keep)
+        return await self._answers.get_or_fetch(upstream.access, run)
 
     def kept(self, upstream: UpstreamConfig) -> Credentials | None:
-        """The answer kept for `upstream`, expired or not."""
-        kept = self._answers.get(upstream.access)
-        return kept[0] if kept is not None else None
+        """The answer kept for `upstream`, if it has not expired."""
+        return self._answers.get(upstream.access)
 
     def refused(self, upstream: UpstreamConfig, answer: Credentials) -> None:
         """Upstream refused `answer`: the next `get` runs the helper again. An answer
         already replaced by a newer run is left alone, so that many requests refused at
         once cost one run, not one each."""
-        kept = self._answers.get(upstream.access)
-        if kept is not None and kept[0] is answer:
-            del self._answers[upstream.access]
+        self._answers.drop(upstream.access, answer)
 
 
 async def run_helper(name: str, server: str, limit: float) -> Credentials:

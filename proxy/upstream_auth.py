@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from cachetools import TLRUCache
 from yarl import URL
 
 from proxy.breaker import CircuitBreaker
-from proxy.coalesce import Coalescer
+from proxy.coalesce import Expiring
 from proxy.config import UpstreamConfig
 from proxy.credentials import CredentialHelpers, Credentials
 from proxy.errors import (
@@ -102,47 +101,23 @@ def basic_authorization(upstream: UpstreamConfig, helped: Credentials | None = N
     return aiohttp.encode_basic_auth(upstream.username, upstream.password.reveal())
 
 
-@dataclass(frozen=True, slots=True)
-class Token:
-    value: str = field(repr=False)
-    expires_at: float
-
-
-class TokenCache:
-    """Bearer tokens by key, each kept until its own expiry; one fetch per key at a time."""
+class TokenCache(Expiring[str]):
+    """Bearer tokens by key, each kept until its own expiry, and for at least
+    MIN_TOKEN_LIFETIME; one fetch per key at a time."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, maxsize: int = 4096) -> None:
-        self.clock = clock
-        self._tokens: TLRUCache[Hashable, Token] = TLRUCache(
-            maxsize, ttu=lambda _key, token, _now: token.expires_at, timer=clock
-        )
-        self._fetching: Coalescer[str] = Coalescer()
-
-    def get(self, key: Hashable) -> str | None:
-        token = self._tokens.get(key)
-        return token.value if token is not None else None
-
-    def drop(self, key: Hashable) -> None:
-        self._tokens.pop(key, None)
+        super().__init__(clock, maxsize)
 
     async def get_or_fetch(
         self, key: Hashable, fetch: Callable[[], Awaitable[tuple[str, float]]]
     ) -> str:
-        """A cached token, or one fetched by `fetch` -> (token, expires_in seconds).
+        """A cached token, or one fetched by `fetch` -> (token, expires_in seconds)."""
 
-        Concurrent callers for one key share one fetch.
-        """
-        cached = self.get(key)
-        if cached is not None:
-            return cached
-
-        async def fetch_and_keep() -> str:
+        async def at_least_the_minimum() -> tuple[str, float]:
             value, expires_in = await fetch()
-            lifetime = max(expires_in, MIN_TOKEN_LIFETIME)
-            self._tokens[key] = Token(value, self.clock() + lifetime)
-            return value
+            return value, max(expires_in, MIN_TOKEN_LIFETIME)
 
-        return await self._fetching.run(key, fetch_and_keep)
+        return await super().get_or_fetch(key, at_least_the_minimum)
 
 
 class TokenFetcher:

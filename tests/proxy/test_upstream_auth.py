@@ -8,8 +8,9 @@ import os
 
 import pytest
 
+from proxy.coalesce import Kept
 from proxy.config import Secret, UpstreamConfig
-from proxy.upstream_auth import Token, TokenCache, basic_authorization, parse_challenges
+from proxy.upstream_auth import TokenCache, basic_authorization, parse_challenges
 from tests.fake_upstream.fixtures import MakeFakeUpstream
 from tests.fake_upstream.server import FakeUpstream, Fault
 from tests.mirror import MakeMirror, Mirror
@@ -199,4 +200,4 @@ def test_basic_credentials_are_utf8_user_colon_password(user: str, password: str
 
 
 def test_a_token_never_shows_in_a_repr() -> None:
-    assert SECRET not in repr(Token(SECRET, 60.0))
+    assert SECRET not in repr(Kept(SECRET, 60.0))
