@@ -39,9 +39,9 @@ from proxy.manifests import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     INDEX_TYPES,
+    MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
     OCI_INDEX,
-    OCI_MANIFEST,
     platform_names,
 )
 
@@ -54,8 +54,6 @@ REF_NAME = "org.opencontainers.image.ref.name"
 SOURCE = "io.pullthrough.source"
 WRAPS = "io.pullthrough.manifest"
 DOCKER_TYPES = (DOCKER_MANIFEST, DOCKER_LIST)
-IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-MANIFEST_TYPES = IMAGE_TYPES + INDEX_TYPES
 MAX_DEPTH = 4  # an index of indexes of ... : deeper than any real image nests
 
 

@@ -61,9 +61,11 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-# Sent upstream when a client sends no Accept: every modern format, so that upstream
+IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+# Every modern format: sent upstream when a client sends no Accept, so that upstream
 # never down-converts to schema 1 on our behalf.
-DEFAULT_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+MANIFEST_TYPES = INDEX_TYPES + IMAGE_TYPES
+DEFAULT_ACCEPT = ", ".join(MANIFEST_TYPES)
 # The `fresh_for` of an immutable tag (Cache-Control: max-age): a year, as for content by
 # digest. The mirror itself keeps serving it for as long as it stays cached.
 IMMUTABLE_TAG_FRESH_FOR = 365 * 86400.0
